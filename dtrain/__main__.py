@@ -1,0 +1,105 @@
+"""Entry point: ``python -m dtrain`` and the ``dtrain`` console script, on one process or under torchrun.
+
+Hydra composes the config from ``conf/`` and the command-line overrides; we check it against the
+schema, train, and turn the user's mistakes into one line on stderr and a non-zero exit.
+
+Exit status: 0 completed, 1 Hydra could not compose the config, 2 a bad value or input
+(``dtrain: error: ...``), 3 training diverged. ``HYDRA_FULL_ERROR=1`` shows tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from dtrain import dist
+from dtrain.config import ConfigError, load, register_configs
+from dtrain.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+
+
+def config_dir() -> str:
+    """The config tree: inside the installed package (wheel, container), else the source checkout's ``conf/``."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if (packaged / "config.yaml").is_file():
+        return str(packaged)
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs progress to stdout; other ranks only warnings, to stderr, marked with their rank."""
+    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
+    logger = logging.getLogger("dtrain")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+
+
+def fail(message: str, code: int, quiet: bool = False) -> None:
+    """Print ``dtrain: error: message`` on stderr (unless ``quiet``) and exit with ``code``."""
+    if not quiet:
+        print(f"dtrain: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def objective(summary: dict) -> float:
+    """What a sweeper minimises: the final validation loss, else the training loss (inf if diverged)."""
+    if summary.get("status") != "completed":
+        return math.inf
+    return float(summary.get("val/loss", summary.get("train/loss", math.inf)))
+
+
+OmegaConf.register_new_resolver("dtrain_launch", dist.launch_id, use_cache=True, replace=True)
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def hydra_task(cfg: DictConfig) -> float:
+    """One training job as Hydra runs it (once, or per trial under ``-m``)."""
+    rank = dist.env_rank()
+    setup_logging(rank)
+    debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    try:
+        config = load(cfg)
+        from dtrain.run import train  # the trainer (and torch's heavier parts) only once the config is good
+
+        summary = train(config, Path(HydraConfig.get().runtime.output_dir))
+    except UserError as exc:
+        if debug:
+            raise
+        # A config error is the same on every rank: say it once.
+        fail(str(exc), EXIT_USER_ERROR, quiet=isinstance(exc, ConfigError) and rank != 0)
+    log = logging.getLogger("dtrain")
+    if summary["status"] == "diverged":
+        if rank == 0:
+            print(f"dtrain: {summary['_message']}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            sys.exit(EXIT_DIVERGED)
+    elif rank == 0:
+        shown = {k: v for k, v in summary.items() if not k.startswith(("_", "grad_norm/"))}
+        log.info(
+            "done: %s",
+            ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()),
+        )
+        log.info("view it: tensorboard --logdir %s", summary["_run_dir"])
+    return objective(summary)
+
+
+def main() -> None:
+    """Console-script entry: ``dtrain [hydra overrides]``."""
+    hydra_task()
+
+
+if __name__ == "__main__":
+    main()

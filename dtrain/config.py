@@ -1,0 +1,411 @@
+"""The structured-config schema: one dataclass per config group option, checked at start-up.
+
+Hydra composes YAML from ``conf/``; each YAML option extends the dataclass registered here
+(Hydra's "extending configs" pattern), so command-line overrides are type-checked while they
+are applied. :func:`load` then turns the composed config into plain dataclasses and checks the
+things a type cannot say (a negative learning rate, a zero batch size, an unknown key added
+with ``+key=value``), raising :class:`ConfigError` with one line that names the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dtrain.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# model/
+
+
+@dataclass
+class PolynomialConfig:
+    """A sum of per-input powers: for each input, coefficients of x^degree .. x^1, then a constant."""
+
+    name: str = "polynomial"
+    degree: int = 2
+    init: list[float] | None = None  # explicit initial coefficients c0..cN; None draws them
+    init_scale: float = 1.0  # coefficients drawn uniformly from [-init_scale, init_scale]
+
+
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    activation: str = "relu"
+    layer_norm: bool = False
+    dropout: float = 0.0
+    activation_checkpointing: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# data/
+
+
+@dataclass
+class Poly2dConfig:
+    """The original example's surface: y = c0 x1^2 + c1 x1 + c2 x2^2 + c3 x2 + c4 + noise."""
+
+    name: str = "poly2d"
+    grid_size: int = 30
+    low: float = -2.0
+    high: float = 2.0
+    coefficients: list[float] = field(default_factory=lambda: [1.5, -0.5, 0.0, -1.0, 2.0])
+    noise: float = 0.2
+    val_fraction: float = 0.2
+
+
+@dataclass
+class Poly1dConfig:
+    """y = k0 + k1 x + ... + k_degree x^degree + noise."""
+
+    name: str = "poly1d"
+    degree: int = 5
+    coefficients: list[float] | None = None  # k0..k_degree; None draws them from the seed in [-1, 1]
+    num_points: int = 1000
+    low: float = -1.5
+    high: float = 1.5
+    noise: float = 0.1
+    val_fraction: float = 0.2
+
+
+@dataclass
+class SineConfig:
+    """A noisy sine; training points inside [low, high], extrapolation points out to the outer range."""
+
+    name: str = "sine"
+    num_points: int = 2000
+    low: float = -math.pi
+    high: float = math.pi
+    outer_low: float = -2 * math.pi
+    outer_high: float = 2 * math.pi
+    outer_fraction: float = 0.25  # share of points drawn in the outer (extrapolation) range
+    frequency: float = 1.0
+    noise: float = 0.1
+    val_fraction: float = 0.2
+
+
+@dataclass
+class MoonsConfig:
+    """Two interleaving half circles, two classes."""
+
+    name: str = "moons"
+    num_points: int = 1000
+    noise: float = 0.1
+    val_fraction: float = 0.2
+
+
+@dataclass
+class FileDataConfig:
+    """A user's data: ``.npz`` with arrays ``x`` and ``y``, or ``.csv`` with a named target column."""
+
+    name: str = "file"
+    path: str = "???"
+    target: str = "y"  # the target column of a .csv
+    task: str = "regression"  # regression | classification
+    val_fraction: float = 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# optim/
+
+
+@dataclass
+class OptimConfig:
+    """One schema for every torch.optim optimizer we build; fields an optimizer lacks are ignored."""
+
+    name: str = "sgd"
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd, rmsprop
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8  # adam, adamw, rmsprop, adagrad
+    alpha: float = 0.99  # rmsprop smoothing constant
+    lr_decay: float = 0.0  # adagrad
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule/
+
+
+@dataclass
+class ScheduleConfig:
+    """LR multiplier over time; ``interval`` says whether time counts optimizer steps or epochs."""
+
+    name: str = "constant"  # constant | exp_decay | step | cosine
+    interval: str = "step"  # step | epoch
+    warmup: int = 0  # linear warmup length (in intervals) before the schedule proper
+    decay: float = 0.999  # exp_decay: lr = max(min_lr, lr0 * decay^t)
+    min_lr: float = 0.0  # exp_decay and cosine floor
+    step_size: int = 100  # step: multiply by gamma every step_size intervals
+    gamma: float = 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer/ and dist
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 100
+    max_steps: int | None = None  # stop after this many optimizer steps, if sooner
+    batch_size: int | None = None  # global samples per optimizer step; None = the whole training set
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (gradients all-reduced once)
+    precision: str = "float32"  # float32 | float64 | bf16-mixed
+    device: str = "auto"  # auto | cpu | cuda
+    clip_grad_norm: float | None = None  # clip the global gradient norm (after the all-reduce)
+    clip_grad_value: float | None = None  # clip each gradient element to +/- this value
+    log_every: int = 10  # optimizer steps between logged (host-synced) metrics
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of each epoch
+    compile: bool = False  # torch.compile the model
+    progress: str = "auto"  # auto | bar | lines | off
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl with CUDA, gloo otherwise) | nccl | gloo
+    timeout_s: float = 600.0
+
+
+@dataclass
+class Config:
+    """The whole run. Group sections hold one of the option dataclasses above."""
+
+    seed: int = 0
+    model: Any = None
+    data: Any = None
+    optim: Any = None
+    schedule: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+MODELS: dict[str, type] = {"polynomial": PolynomialConfig, "mlp": MLPConfig}
+DATASETS: dict[str, type] = {
+    "poly2d": Poly2dConfig,
+    "poly1d": Poly1dConfig,
+    "sine": SineConfig,
+    "moons": MoonsConfig,
+    "file": FileDataConfig,
+}
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
+SCHEDULES = ("constant", "exp_decay", "step", "cosine")
+ACTIVATIONS = ("relu", "tanh", "gelu", "silu")
+PRECISIONS = ("float32", "float64", "bf16-mixed")
+
+
+def register_configs() -> None:
+    """Register the schemas in Hydra's ConfigStore as ``base_<option>`` in each group."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for name, schema in MODELS.items():
+        cs.store(group="model", name=f"base_{name}", node=schema)
+    for name, schema in DATASETS.items():
+        cs.store(group="data", name=f"base_{name}", node=schema)
+    cs.store(group="optim", name="base_optim", node=OptimConfig)
+    cs.store(group="schedule", name="base_schedule", node=ScheduleConfig)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and checking
+
+
+def load(cfg: DictConfig) -> Config:
+    """Turn a composed config into a checked :class:`Config`, or raise :class:`ConfigError`."""
+    raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(raw, dict)
+    raw.pop("hydra", None)
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "model":
+            sections[key] = _build(key, value, _pick(key, value, MODELS))
+        elif key == "data":
+            sections[key] = _build(key, value, _pick(key, value, DATASETS))
+        elif key == "optim":
+            sections[key] = _build(key, value, OptimConfig)
+        elif key == "schedule":
+            sections[key] = _build(key, value, ScheduleConfig)
+        elif key == "trainer":
+            sections[key] = _build(key, value, TrainerConfig)
+        elif key == "dist":
+            sections[key] = _build(key, value, DistConfig)
+        elif key == "seed":
+            sections[key] = _typed("seed", value, int)
+        else:
+            valid = ", ".join(f.name for f in dataclasses.fields(Config))
+            raise ConfigError(f"unknown config key '{key}'; valid top-level keys: {valid}")
+    missing = [f.name for f in dataclasses.fields(Config) if sections.get(f.name) is None]
+    if missing:
+        raise ConfigError(f"config is missing section(s): {', '.join(missing)}")
+    config = Config(**sections)
+    check(config)
+    return config
+
+
+def _pick(section: str, value: Any, options: dict[str, type]) -> type:
+    name = value.get("name") if isinstance(value, dict) else None
+    if name not in options:
+        raise ConfigError(f"{section}.name={name!r} is not one of: {', '.join(options)}")
+    return options[name]
+
+
+def _build(section: str, value: Any, schema: type) -> Any:
+    """Build ``schema`` from a plain dict, naming the first unknown key or badly typed value."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{section} must be a mapping, got {value!r}")
+    fields = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown key '{section}.{unknown[0]}' for {section}={value.get('name', section)}; "
+            f"valid keys: {', '.join(sorted(fields))}"
+        )
+    missing = [k for k, v in value.items() if v == "???"]
+    if missing:
+        raise ConfigError(f"{section}.{missing[0]} is required: set it with {section}.{missing[0]}=...")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(schema), value)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(f"{section}.{key}: {first_line}") from None
+    return OmegaConf.to_object(node)
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be of type {kind.__name__}")
+    return value
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(key: str, value: float | int | None, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    what = "non-negative" if allow_zero else "positive"
+    tail = " or null" if allow_none else ""
+    _require(ok, f"{key}={value!r} must be a {what} number{tail}")
+
+
+def _one_of(key: str, value: str, options: tuple[str, ...]) -> None:
+    _require(value in options, f"{key}={value!r} is not one of: {', '.join(options)}")
+
+
+def _fraction(key: str, value: float) -> None:
+    _require(0.0 <= value < 1.0, f"{key}={value!r} must be in [0, 1)")
+
+
+def check(config: Config) -> None:
+    """Check values a type cannot rule out; raise :class:`ConfigError` naming the first bad one."""
+    model, data, optim, schedule, trainer = (
+        config.model,
+        config.data,
+        config.optim,
+        config.schedule,
+        config.trainer,
+    )
+    if isinstance(model, PolynomialConfig):
+        _require(model.degree >= 1, f"model.degree={model.degree} must be at least 1")
+        _positive("model.init_scale", model.init_scale, allow_zero=True)
+    if isinstance(model, MLPConfig):
+        _require(all(h >= 1 for h in model.hidden), f"model.hidden={model.hidden} must hold positive sizes")
+        _one_of("model.activation", model.activation, ACTIVATIONS)
+        _require(0.0 <= model.dropout < 1.0, f"model.dropout={model.dropout} must be in [0, 1)")
+
+    _fraction("data.val_fraction", data.val_fraction)
+    if isinstance(data, Poly2dConfig):
+        _require(data.grid_size >= 2, f"data.grid_size={data.grid_size} must be at least 2")
+        _require(len(data.coefficients) == 5, "data.coefficients must hold 5 values (c0..c4)")
+        _require(data.low < data.high, f"data.low={data.low} must be below data.high={data.high}")
+    if isinstance(data, Poly1dConfig):
+        _require(data.degree >= 1, f"data.degree={data.degree} must be at least 1")
+        _require(
+            data.coefficients is None or len(data.coefficients) == data.degree + 1,
+            f"data.coefficients has {len(data.coefficients or [])} values; data.degree={data.degree} needs "
+            f"{data.degree + 1} (k0..k{data.degree})",
+        )
+    if isinstance(data, SineConfig):
+        _require(
+            data.outer_low <= data.low < data.high <= data.outer_high,
+            "data ranges must nest: outer_low <= low < high <= outer_high",
+        )
+        _fraction("data.outer_fraction", data.outer_fraction)
+    if isinstance(data, FileDataConfig):
+        _one_of("data.task", data.task, ("regression", "classification"))
+    for key in ("num_points", "noise"):
+        if hasattr(data, key):
+            _positive(f"data.{key}", getattr(data, key), allow_zero=key == "noise")
+
+    _one_of("optim.name", optim.name, OPTIMIZERS)
+    _positive("optim.lr", optim.lr)
+    _positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
+    _positive("optim.momentum", optim.momentum, allow_zero=True)
+    _require(len(optim.betas) == 2, f"optim.betas={optim.betas} must hold two values")
+
+    _one_of("schedule.name", schedule.name, SCHEDULES)
+    _one_of("schedule.interval", schedule.interval, ("step", "epoch"))
+    _positive("schedule.warmup", schedule.warmup, allow_zero=True)
+    _require(0.0 < schedule.decay <= 1.0, f"schedule.decay={schedule.decay} must be in (0, 1]")
+    _positive("schedule.min_lr", schedule.min_lr, allow_zero=True)
+    _positive("schedule.step_size", schedule.step_size)
+    _positive("schedule.gamma", schedule.gamma)
+
+    _positive("trainer.max_epochs", trainer.max_epochs)
+    _positive("trainer.max_steps", trainer.max_steps, allow_none=True)
+    _positive("trainer.batch_size", trainer.batch_size, allow_none=True)
+    _positive("trainer.grad_accum_steps", trainer.grad_accum_steps)
+    _one_of("trainer.precision", trainer.precision, PRECISIONS)
+    _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
+    _positive("trainer.clip_grad_norm", trainer.clip_grad_norm, allow_none=True)
+    _positive("trainer.clip_grad_value", trainer.clip_grad_value, allow_none=True)
+    _positive("trainer.log_every", trainer.log_every)
+    _positive("trainer.eval_every", trainer.eval_every, allow_zero=True)
+    _one_of("trainer.progress", trainer.progress, ("auto", "bar", "lines", "off"))
+
+    _one_of("dist.backend", config.dist.backend, ("auto", "nccl", "gloo"))
+    _positive("dist.timeout_s", config.dist.timeout_s)
+
+
+def to_plain(config: Config) -> dict[str, Any]:
+    """The config as nested plain dicts, for writing and for TensorBoard's hparams."""
+    return dataclasses.asdict(config)
+
+
+def as_yaml(config: Config) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_plain(config)))
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DistConfig",
+    "FileDataConfig",
+    "MLPConfig",
+    "MoonsConfig",
+    "OptimConfig",
+    "Poly1dConfig",
+    "Poly2dConfig",
+    "PolynomialConfig",
+    "ScheduleConfig",
+    "SineConfig",
+    "TrainerConfig",
+    "as_yaml",
+    "check",
+    "load",
+    "register_configs",
+]

@@ -1,0 +1,82 @@
+"""The in-memory data set every model trains on, and the one function that builds it from config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from dtrain import config as C
+
+
+@dataclass
+class Split:
+    """Inputs ``x`` of shape [N, inputs] and targets ``y``: [N, 1] floats, or [N] class indices."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Split:
+        y = self.y.to(device) if self.y.dtype == torch.long else self.y.to(device, dtype)
+        return Split(self.x.to(device, dtype), y)
+
+
+@dataclass
+class DataSet:
+    """A training split and named validation splits.
+
+    ``val`` maps a suffix to a split: ``""`` is the ordinary validation set (logged as
+    ``val/loss``), ``"outer"`` the extrapolation range of ``sine`` (``val/loss_outer``).
+    """
+
+    train: Split
+    val: dict[str, Split]
+    task: str  # regression | classification
+    num_classes: int = 0
+    extras: dict[str, object] = field(default_factory=dict)  # e.g. the true coefficients
+
+    @property
+    def num_inputs(self) -> int:
+        return self.train.x.shape[1]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.num_classes if self.task == "classification" else 1
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> DataSet:
+        return DataSet(
+            train=self.train.to(device, dtype),
+            val={name: split.to(device, dtype) for name, split in self.val.items()},
+            task=self.task,
+            num_classes=self.num_classes,
+            extras=self.extras,
+        )
+
+
+def split_train_val(x: torch.Tensor, y: torch.Tensor, val_fraction: float, gen: torch.Generator) -> tuple[Split, Split]:
+    """Shuffle once with ``gen`` and hold out ``val_fraction`` of the points for validation."""
+    order = torch.randperm(x.shape[0], generator=gen)
+    num_val = round(val_fraction * x.shape[0])
+    val_idx, train_idx = order[:num_val], order[num_val:]
+    return Split(x[train_idx], y[train_idx]), Split(x[val_idx], y[val_idx])
+
+
+def build_dataset(cfg: object, seed: int) -> DataSet:
+    """Build the data set that ``cfg`` (one of the ``data/`` schemas) describes, on the CPU in float64."""
+    from dtrain.data import files, synthetic
+
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(cfg, C.Poly2dConfig):
+        return synthetic.poly2d(cfg, gen)
+    if isinstance(cfg, C.Poly1dConfig):
+        return synthetic.poly1d(cfg, gen)
+    if isinstance(cfg, C.SineConfig):
+        return synthetic.sine(cfg, gen)
+    if isinstance(cfg, C.MoonsConfig):
+        return synthetic.moons(cfg, gen)
+    if isinstance(cfg, C.FileDataConfig):
+        return files.load(cfg, gen)
+    raise TypeError(f"no data set for {type(cfg).__name__}")

@@ -1,0 +1,81 @@
+"""Batches of an in-memory split, sharded across ranks by indexing: no DataLoader, no workers.
+
+Every rank computes the same permutation from (seed, epoch). Optimizer step ``k`` consumes the
+global batch ``perm[k*B:(k+1)*B]``, and rank ``r`` takes its contiguous ``B/world`` slice of it. So
+
+* shards are disjoint within an epoch and together cover the first ``steps * B`` samples;
+* each rank runs exactly ``N // B`` steps an epoch, so no collective ever waits on a rank that ran
+  out of data (the last partial batch is dropped);
+* the global batch at step ``k`` does not depend on the world size, which is what makes an
+  N-rank run equal a 1-rank run with the same global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from dtrain.data.dataset import Split
+from dtrain.errors import ConfigError
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of ``epoch``: a pure function of (seed, epoch), identical on every rank."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return torch.randperm(num_samples, generator=gen)
+
+
+def shard_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous [start, stop) of ``rank``'s share of ``num_samples`` (sizes differ by at most one)."""
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class ShardedBatches:
+    """Per-step micro-batches of this rank's shard of a split that lives on the training device."""
+
+    def __init__(
+        self,
+        split: Split,
+        global_batch: int | None,
+        rank: int,
+        world_size: int,
+        seed: int,
+        grad_accum_steps: int = 1,
+    ) -> None:
+        num = len(split)
+        batch = num if global_batch is None else global_batch
+        per_step = world_size * grad_accum_steps
+        if batch > num:
+            raise ConfigError(
+                f"trainer.batch_size={batch} is larger than the training set ({num} samples); "
+                f"use at most {num}, or null for the full batch"
+            )
+        if batch % per_step:
+            what = "trainer.batch_size" if global_batch is not None else "the full batch (trainer.batch_size=null)"
+            raise ConfigError(
+                f"{what}={batch} is not divisible by world_size x grad_accum_steps = "
+                f"{world_size} x {grad_accum_steps}; pick a multiple of {per_step}"
+            )
+        self.split = split
+        self.global_batch = batch
+        self.micro_batch = batch // per_step
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.grad_accum_steps = grad_accum_steps
+        self.steps_per_epoch = num // batch
+
+    def epoch(self, epoch: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Yield, for each optimizer step of ``epoch``, this rank's ``grad_accum_steps`` micro-batches."""
+        perm = epoch_permutation(len(self.split), self.seed, epoch).to(self.split.x.device, non_blocking=True)
+        rank_batch = self.micro_batch * self.grad_accum_steps
+        for step in range(self.steps_per_epoch):
+            start = step * self.global_batch + self.rank * rank_batch
+            micro = []
+            for m in range(self.grad_accum_steps):
+                idx = perm[start + m * self.micro_batch : start + (m + 1) * self.micro_batch]
+                micro.append((self.split.x[idx], self.split.y[idx]))
+            yield micro

@@ -1,0 +1,148 @@
+"""Process-group life cycle and rank helpers: the only module that reads torchrun's environment.
+
+A plain ``python -m dtrain`` is world size 1 with no process group at all; under torchrun we
+initialise one group (NCCL on CUDA, gloo on CPU), put each rank on its own GPU, and tear it down.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, and the device it trains on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None when world_size == 1 (no process group)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None or value == "" else int(value)
+
+
+def env_rank() -> int:
+    """This process's global rank from torchrun's environment (0 outside torchrun)."""
+    return _env_int("RANK", 0)
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def launch_id() -> str:
+    """A name for this launch, the same on every local rank and across torchrun's restarts.
+
+    Under torchrun it comes from the agent (the workers' parent): its start time and the
+    rendezvous id, which torchrun keeps across elastic restarts, so a restarted worker finds
+    the run directory of its first attempt. Outside torchrun it is this process's start time.
+    ``DTRAIN_RUN_ID`` overrides both (for multi-node jobs: every node must agree).
+    """
+    explicit = os.environ.get("DTRAIN_RUN_ID")
+    if explicit:
+        return explicit
+    if under_torchrun():
+        started = _process_start_time(os.getppid()) or time.time()
+        token = os.environ.get("TORCHELASTIC_RUN_ID", "none")[:8]
+    else:
+        started = _START_TIME
+        token = f"{os.getpid():x}"
+    stamp = datetime.datetime.fromtimestamp(started).strftime("%Y-%m-%d/%H-%M-%S")
+    return f"{stamp}-{token}"
+
+
+_START_TIME = time.time()
+
+
+def _process_start_time(pid: int) -> float | None:
+    """Wall-clock start time of ``pid`` from /proc (Linux); None where that is not available."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 of stat(5): starttime, in clock ticks since boot
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    """``auto`` takes this rank's GPU when CUDA is available, else the CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda but no CUDA GPU is available; use trainer.device=cpu or auto")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserError(f"LOCAL_RANK={local_rank} but only {count} GPU(s) are visible; lower --nproc_per_node")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def setup(device_choice: str, backend_choice: str, timeout_s: float) -> DistEnv:
+    """Read torchrun's environment, pick the device, and initialise the process group if world > 1."""
+    rank = env_rank()
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = pick_device(device_choice, local_rank)
+    if world_size == 1:
+        return DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend=None)
+    backend = backend_choice
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise UserError("dist.backend=nccl needs CUDA GPUs; use dist.backend=gloo (or auto) on CPU")
+    dist.init_process_group(
+        backend=backend,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (a no-op on one process) and return it."""
+    if env.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_str(value: str, env: DistEnv) -> str:
+    """Rank 0's ``value`` on every rank."""
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()

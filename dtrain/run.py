@@ -1,0 +1,120 @@
+"""One training run, assembled from its parts: dist -> data -> model -> trainer -> results.
+
+Each arrow is a plain call with explicit inputs. Only rank 0 writes to the run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtrain import dist
+from dtrain.config import Config, as_yaml, to_plain
+from dtrain.data import build_dataset
+from dtrain.models import build_model
+from dtrain.train.logger import RunLogger
+from dtrain.train.trainer import TrainResult, fit
+
+log = logging.getLogger("dtrain")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def agree_on_run_dir(local: Path, env: dist.DistEnv) -> Path:
+    """Every rank uses rank 0's run directory.
+
+    On one node all ranks compute the same name already (see :func:`dist.launch_id`); across nodes
+    that did not share a ``--rdzv-id`` they may not, so rank 0's choice wins and a rank that made
+    an empty directory of its own removes it.
+    """
+    chosen = Path(dist.broadcast_str(str(local.resolve()), env))
+    if chosen != local.resolve():
+        with contextlib.suppress(OSError):
+            local.rmdir()  # only succeeds if this rank's directory is empty
+    return chosen
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def flat_hparams(config: Config) -> dict[str, Any]:
+    """``section.key -> value`` for TensorBoard's HParams (lists become strings, None becomes 'null')."""
+    flat: dict[str, Any] = {}
+    for section, values in to_plain(config).items():
+        if not isinstance(values, dict):
+            flat[section] = values
+            continue
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def train(config: Config, run_dir: Path) -> dict[str, Any]:
+    """Train as ``config`` says, write the results into ``run_dir`` (rank 0), and return the final metrics."""
+    env = dist.setup(config.trainer.device, config.dist.backend, config.dist.timeout_s)
+    try:
+        run_dir = agree_on_run_dir(run_dir, env)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / "config.yaml", as_yaml(config).encode())
+            log.info("run directory: %s (world size %d, %s)", run_dir, env.world_size, env.device)
+
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        data = build_dataset(config.data, config.seed)
+        model = build_model(config.model, data)
+        torch.manual_seed(config.seed + 1 + env.rank)  # per-rank stream for dropout
+
+        logger = RunLogger(run_dir, env.is_main, config.trainer.progress)
+        try:
+            logger.text("config", "```\n" + as_yaml(config) + "\n```")
+            result = fit(model, data, config.trainer, config.optim, config.schedule, env, logger, config.seed)
+            summary = results_summary(result, env.world_size)
+            logger.hparams(flat_hparams(config), {k: v for k, v in summary.items() if isinstance(v, float)})
+        finally:
+            logger.close()
+        if env.is_main:
+            write_atomic(run_dir / "metrics.json", (json.dumps(summary, indent=2) + "\n").encode())
+            write_atomic(run_dir / "model.pt", _state_bytes(model))
+        dist.barrier(env)
+        return summary | {"_message": result.message, "_run_dir": str(run_dir)}
+    finally:
+        dist.teardown(env)
+
+
+def results_summary(result: TrainResult, world_size: int) -> dict[str, Any]:
+    """``metrics.json``: final metrics under their TensorBoard tags, plus the run's bookkeeping."""
+    summary: dict[str, Any] = dict(sorted(result.metrics.items()))
+    summary.update(
+        steps=result.steps,
+        samples_per_sec=result.samples_per_sec,
+        wall_time_s=result.wall_time_s,
+        world_size=world_size,
+        status=result.status,
+    )
+    return summary
+
+
+def _state_bytes(model: torch.nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()

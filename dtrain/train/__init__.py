@@ -1,0 +1,1 @@
+"""The training loop and its parts: gradient norms and clipping, evaluation, logging."""

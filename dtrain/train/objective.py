@@ -1,0 +1,26 @@
+"""What a task optimises and measures: the loss, and the summed metrics for evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def loss_fn(task: str) -> LossFn:
+    """Mean squared error for regression, softmax cross-entropy for classification (means over the batch)."""
+    if task == "classification":
+        return F.cross_entropy
+    return F.mse_loss
+
+
+def metric_sums(task: str, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-batch *sums* (so shards of any size add up exactly across ranks): loss and, for classes, correct."""
+    if task == "classification":
+        sums = {"loss": F.cross_entropy(output.float(), target, reduction="sum")}
+        sums["accuracy"] = (output.argmax(dim=1) == target).sum().to(sums["loss"].dtype)
+        return sums
+    return {"loss": F.mse_loss(output, target, reduction="sum") / target[0].numel()}

@@ -1,0 +1,232 @@
+"""The training loop: forward, loss, backward (gradients all-reduced by DDP), clip, step, schedule.
+
+It reads top to bottom, DDP included. It knows nothing of which model or data set it trains:
+the caller passes a built model, an in-memory data set and the config sections it needs.
+Host syncs happen only at logging and evaluation steps: on the other steps the loss and the
+non-finite flag accumulate on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dtrain.config import OptimConfig, ScheduleConfig, TrainerConfig
+from dtrain.data.dataset import DataSet, Split
+from dtrain.data.loader import ShardedBatches, shard_bounds
+from dtrain.dist import DistEnv, all_reduce_sum
+from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.train.grads import clip_gradients, grad_norms
+from dtrain.train.logger import RunLogger
+from dtrain.train.objective import loss_fn, metric_sums
+
+log = logging.getLogger("dtrain")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bf16-mixed": torch.float32}
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | diverged
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples_per_sec: float = 0.0
+    wall_time_s: float = 0.0
+    message: str = ""
+
+
+def evaluate(
+    model: nn.Module,
+    val: dict[str, Split],
+    task: str,
+    env: DistEnv,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, float]:
+    """Validation metrics over every rank's disjoint slice of each split, summed across ranks (one collective)."""
+    if not val:
+        return {}
+    was_training = model.training
+    model.eval()
+    parts: list[torch.Tensor] = []
+    layout: list[tuple[str, list[str]]] = []
+    with torch.no_grad():
+        for suffix, split in val.items():
+            start, stop = shard_bounds(len(split), env.rank, env.world_size)
+            with autocast():
+                output = model(split.x[start:stop])
+            if output.dtype == torch.bfloat16:
+                output = output.float()
+            sums = metric_sums(task, output, split.y[start:stop])
+            layout.append((suffix, list(sums)))
+            parts.extend(v.to(torch.float64) for v in sums.values())
+            parts.append(torch.tensor(float(stop - start), dtype=torch.float64, device=split.x.device))
+    model.train(was_training)
+    totals = all_reduce_sum(torch.stack(parts), env).tolist()
+    metrics: dict[str, float] = {}
+    i = 0
+    for suffix, names in layout:
+        count = totals[i + len(names)]
+        for name in names:
+            tag = f"val/{name}_{suffix}" if suffix else f"val/{name}"
+            metrics[tag] = totals[i] / count
+            i += 1
+        i += 1
+    return metrics
+
+
+def fit(
+    model: nn.Module,
+    data: DataSet,
+    trainer: TrainerConfig,
+    optim: OptimConfig,
+    schedule: ScheduleConfig,
+    env: DistEnv,
+    logger: RunLogger,
+    seed: int,
+) -> TrainResult:
+    """Train ``model`` on ``data`` and return how it ended; ``model`` holds the trained weights afterwards."""
+    dtype = DTYPES[trainer.precision]
+    data = data.to(env.device, dtype)
+    model.to(env.device, dtype)
+    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_params]
+
+    # DDP all-reduces (averages) gradients during backward; one process needs no wrapper.
+    ddp_model: nn.Module = model
+    if env.distributed:
+        ddp_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    forward_model = torch.compile(ddp_model) if trainer.compile else ddp_model
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if trainer.precision == "bf16-mixed":
+            return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    batches = ShardedBatches(data.train, trainer.batch_size, env.rank, env.world_size, seed, trainer.grad_accum_steps)
+    total_steps = batches.steps_per_epoch * trainer.max_epochs
+    if trainer.max_steps is not None:
+        total_steps = min(total_steps, trainer.max_steps)
+    optimizer = build_optimizer(params, optim)
+    per_epoch = schedule.interval == "epoch"
+    scheduler = build_scheduler(
+        optimizer, schedule, math.ceil(total_steps / batches.steps_per_epoch) if per_epoch else total_steps
+    )
+    compute_loss = loss_fn(data.task)
+
+    step = 0
+    epoch = 0
+    evaluated_at = -1
+    metrics: dict[str, float] = {}
+    # Device-side accumulators between logging steps: no host sync on ordinary steps.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    nonfinite = torch.zeros((), dtype=torch.float64, device=env.device)
+    steps_since_log = 0
+    started = last_log_time = time.perf_counter()
+    status, message = "completed", ""
+
+    def run_evaluation() -> None:
+        nonlocal evaluated_at
+        val = evaluate(model, data.val, data.task, env, autocast)
+        logger.scalars(step, val)
+        metrics.update(val)
+        evaluated_at = step
+
+    model.train()
+    while step < total_steps and status == "completed":
+        for micro_batches in batches.epoch(epoch):
+            step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+            for i, (x, y) in enumerate(micro_batches):
+                last_micro = i == len(micro_batches) - 1
+                # Gradients of the accumulating micro-batches stay local; the last one all-reduces.
+                sync = contextlib.nullcontext() if last_micro or not env.distributed else ddp_model.no_sync()
+                with sync:
+                    with autocast():
+                        loss = compute_loss(forward_model(x), y) / len(micro_batches)
+                    loss.backward()
+                step_loss += loss.detach()
+            loss_sum += step_loss
+            nonfinite += (~torch.isfinite(step_loss)).to(torch.float64)
+            step += 1
+            steps_since_log += 1
+            log_now = step % trainer.log_every == 0 or step == total_steps
+
+            if log_now:  # per-parameter norms before clipping, for the dashboard
+                norms, names = grad_norms(named_params)
+            total_norm = clip_gradients(params, trainer.clip_grad_value, trainer.clip_grad_norm)
+            if total_norm is not None:
+                nonfinite += (~torch.isfinite(total_norm)).to(torch.float64)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not per_epoch:
+                scheduler.step()
+
+            if log_now:
+                # One collective and one host sync for everything reduced across ranks. Gradient
+                # norms need no reduction: after DDP's all-reduce every rank holds the same gradients.
+                reduced = all_reduce_sum(torch.stack([loss_sum, nonfinite]), env)
+                host = torch.cat([reduced, norms.to(reduced.device)]).tolist()
+                now = time.perf_counter()
+                grad_total = math.sqrt(sum(v * v for v in host[2:]))
+                values = {
+                    "train/loss": host[0] / (steps_since_log * env.world_size),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm/total": grad_total,
+                    **{f"grad_norm/{n}": v for n, v in zip(names, host[2:], strict=True)},
+                    "perf/samples_per_sec": steps_since_log * batches.global_batch / max(now - last_log_time, 1e-9),
+                }
+                logger.scalars(step, values)
+                logger.progress_update(step, total_steps, epoch + 1, values)
+                metrics.update(values)
+                if host[1] > 0 or not math.isfinite(grad_total):
+                    status = "diverged"
+                    message = divergence_message(step, values, optim, trainer)
+                    break
+                loss_sum.zero_()
+                steps_since_log = 0
+                last_log_time = now
+
+            if trainer.eval_every and step % trainer.eval_every == 0:
+                run_evaluation()
+            if step >= total_steps:
+                break
+
+        if status == "completed" and step == (epoch + 1) * batches.steps_per_epoch:
+            # A whole epoch ran: per-epoch schedules and end-of-epoch evaluation.
+            if per_epoch:
+                scheduler.step()
+            if not trainer.eval_every:
+                run_evaluation()
+        epoch += 1
+
+    if status == "completed" and evaluated_at != step:
+        run_evaluation()  # the run stopped between evaluations (max_steps): evaluate the final model
+
+    wall = time.perf_counter() - started
+    return TrainResult(
+        status=status,
+        steps=step,
+        metrics=metrics,
+        samples_per_sec=step * batches.global_batch / max(wall, 1e-9),
+        wall_time_s=wall,
+        message=message,
+    )
+
+
+def divergence_message(step: int, values: dict[str, float], optim: OptimConfig, trainer: TrainerConfig) -> str:
+    """One line that says the run diverged, where, and what to try."""
+    hint = f"lower the learning rate (optim.lr={optim.lr:g})"
+    if trainer.clip_grad_norm is None and trainer.clip_grad_value is None:
+        hint += " or clip gradients (trainer.clip_grad_norm=1.0)"
+    return (
+        f"training diverged by step {step}: train/loss={values['train/loss']:.4g}, "
+        f"grad_norm/total={values['grad_norm/total']:.4g} (non-finite); likely cause: the step size is "
+        f"too large for this problem; {hint}"
+    )
