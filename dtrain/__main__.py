@@ -3,8 +3,9 @@
 Hydra composes the config from ``conf/`` and the command-line overrides; we check it against the
 schema, train, and turn the user's mistakes into one line on stderr and a non-zero exit.
 
-Exit status: 0 completed, 1 Hydra could not compose the config, 2 a bad value or input
-(``dtrain: error: ...``), 3 training diverged. ``HYDRA_FULL_ERROR=1`` shows tracebacks instead.
+Exit status: 0 completed, 2 a bad config value or input (``dtrain: error: ...`` on stderr),
+3 training diverged, 1 anything else (a bug: full traceback). ``HYDRA_FULL_ERROR=1`` shows
+tracebacks for the user's mistakes too.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dtrain import dist
 from dtrain.config import ConfigError, load, register_configs
@@ -26,6 +29,8 @@ from dtrain.errors import UserError
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+# Read once, before main() sets the variable for Hydra: the user's own wish for tracebacks.
+SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def config_dir() -> str:
@@ -69,14 +74,13 @@ def hydra_task(cfg: DictConfig) -> float:
     """One training job as Hydra runs it (once, or per trial under ``-m``)."""
     rank = dist.env_rank()
     setup_logging(rank)
-    debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         config = load(cfg)
         from dtrain.run import train  # the trainer (and torch's heavier parts) only once the config is good
 
         summary = train(config, Path(HydraConfig.get().runtime.output_dir))
     except UserError as exc:
-        if debug:
+        if SHOW_TRACEBACKS:
             raise
         # A config error is the same on every rank: say it once.
         fail(str(exc), EXIT_USER_ERROR, quiet=isinstance(exc, ConfigError) and rank != 0)
@@ -96,9 +100,30 @@ def hydra_task(cfg: DictConfig) -> float:
     return objective(summary)
 
 
+def hydra_error_line(exc: BaseException) -> str:
+    """Hydra's multi-line composition error as one line: what failed, why, and the valid options."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0].rstrip(".") if lines else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        text += ": " + str(cause).strip().splitlines()[0].rstrip(".")
+    options = [o for o in getattr(exc, "options", None) or [] if not o.startswith("base_")]  # hide schemas
+    if options:
+        text += f"; available: {', '.join(options)}"
+    return text
+
+
 def main() -> None:
     """Console-script entry: ``dtrain [hydra overrides]``."""
-    hydra_task()
+    # Let Hydra's own errors (unknown group option, unknown key, unparsable override) reach us, so
+    # they are reported as one line like ours; HYDRA_FULL_ERROR=1 set by the user keeps tracebacks.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        hydra_task()
+    except (HydraException, OmegaConfBaseException) as exc:
+        if SHOW_TRACEBACKS:
+            raise
+        fail(hydra_error_line(exc), EXIT_USER_ERROR, quiet=dist.env_rank() != 0)
 
 
 if __name__ == "__main__":

@@ -354,7 +354,16 @@ def check(config: Config) -> None:
     _positive("optim.lr", optim.lr)
     _positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
     _positive("optim.momentum", optim.momentum, allow_zero=True)
-    _require(len(optim.betas) == 2, f"optim.betas={optim.betas} must hold two values")
+    _require(
+        len(optim.betas) == 2 and all(0.0 <= b < 1.0 for b in optim.betas),
+        f"optim.betas={optim.betas} must hold two values in [0, 1)",
+    )
+    _positive("optim.eps", optim.eps)
+    _require(0.0 <= optim.alpha <= 1.0, f"optim.alpha={optim.alpha} must be in [0, 1]")
+    _require(
+        not (optim.nesterov and optim.momentum == 0),
+        "optim.nesterov=true needs optim.momentum > 0 (Nesterov momentum without momentum is undefined)",
+    )
 
     _one_of("schedule.name", schedule.name, SCHEDULES)
     _one_of("schedule.interval", schedule.interval, ("step", "epoch"))

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -93,8 +94,9 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
         finally:
             logger.close()
         if env.is_main:
-            write_atomic(run_dir / "metrics.json", (json.dumps(summary, indent=2) + "\n").encode())
-            write_atomic(run_dir / "model.pt", _state_bytes(model))
+            write_atomic(run_dir / "metrics.json", metrics_json(summary).encode())
+            if result.status == "completed":  # a diverged model's weights are not worth keeping
+                write_atomic(run_dir / "model.pt", _state_bytes(model))
         dist.barrier(env)
         return summary | {"_message": result.message, "_run_dir": str(run_dir)}
     finally:
@@ -112,6 +114,12 @@ def results_summary(result: TrainResult, world_size: int) -> dict[str, Any]:
         status=result.status,
     )
     return summary
+
+
+def metrics_json(summary: dict[str, Any]) -> str:
+    """Strict JSON: a non-finite value (a diverged loss) is written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+    return json.dumps(clean, indent=2, allow_nan=False) + "\n"
 
 
 def _state_bytes(model: torch.nn.Module) -> bytes:

@@ -38,6 +38,10 @@ class DataSet:
     num_classes: int = 0
     extras: dict[str, object] = field(default_factory=dict)  # e.g. the true coefficients
 
+    def __post_init__(self) -> None:
+        # val_fraction=0 leaves an empty split: no validation then, rather than a mean over nothing.
+        self.val = {name: split for name, split in self.val.items() if len(split) > 0}
+
     @property
     def num_inputs(self) -> int:
         return self.train.x.shape[1]

@@ -28,15 +28,17 @@ def load(cfg: C.FileDataConfig, gen: torch.Generator) -> DataSet:
 
     if x.ndim == 1:
         x = x[:, None]
-    if x.ndim != 2 or x.shape[0] == 0:
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise UserError(f"data.path={cfg.path!r}: x must be a non-empty [N, features] array, got {x.shape}")
-    if y.shape[0] != x.shape[0]:
-        raise UserError(f"data.path={cfg.path!r}: x has {x.shape[0]} rows but y has {y.shape[0]}")
+    if y.ndim == 0 or y.shape[0] != x.shape[0]:
+        raise UserError(f"data.path={cfg.path!r}: x has {x.shape[0]} rows but y has shape {y.shape}")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise UserError(f"data.path={cfg.path!r}: contains NaN or infinite values")
 
     xt = torch.as_tensor(x, dtype=torch.float64)
     if cfg.task == "classification":
+        if y.ndim > 1 and y.shape[1:] != (1,) * (y.ndim - 1):
+            raise UserError(f"data.path={cfg.path!r}: classification needs one label per row, y has shape {y.shape}")
         labels = y.reshape(-1)
         if not np.all(labels == np.round(labels)) or labels.min() < 0:
             raise UserError(f"data.path={cfg.path!r}: classification targets must be class indices 0..K-1")
@@ -63,8 +65,12 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_csv(path: Path, target: str) -> tuple[np.ndarray, np.ndarray]:
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
+    try:
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            rows = [row for row in csv.reader(handle) if row]  # blank lines carry no data
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file; a .csv must be UTF-8 text") from None
     if len(rows) < 2:
         raise UserError(f"{path}: a .csv needs a header row and at least one data row")
     header = [name.strip() for name in rows[0]]

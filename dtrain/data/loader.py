@@ -46,6 +46,8 @@ class ShardedBatches:
         grad_accum_steps: int = 1,
     ) -> None:
         num = len(split)
+        if num == 0:
+            raise ConfigError("the training split is empty; lower data.val_fraction or provide more data")
         batch = num if global_batch is None else global_batch
         per_step = world_size * grad_accum_steps
         if batch > num:

@@ -40,7 +40,7 @@ def sine(cfg: C.SineConfig, gen: torch.Generator) -> DataSet:
     num_outer = round(cfg.outer_fraction * cfg.num_points)
     num_inner = cfg.num_points - num_outer
     inner = cfg.low + (cfg.high - cfg.low) * torch.rand(num_inner, 1, generator=gen, dtype=torch.float64)
-    # Outer points: uniform over the two flanks [outer_low, low) and (high, outer_high].
+    # Outer points: uniform over the two flanks [outer_low, low) and [high, outer_high).
     left, right = cfg.low - cfg.outer_low, cfg.outer_high - cfg.high
     u = (left + right) * torch.rand(num_outer, 1, generator=gen, dtype=torch.float64)
     outer = torch.where(u < left, cfg.outer_low + u, cfg.high + (u - left))

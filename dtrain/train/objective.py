@@ -23,4 +23,4 @@ def metric_sums(task: str, output: torch.Tensor, target: torch.Tensor) -> dict[s
         sums = {"loss": F.cross_entropy(output.float(), target, reduction="sum")}
         sums["accuracy"] = (output.argmax(dim=1) == target).sum().to(sums["loss"].dtype)
         return sums
-    return {"loss": F.mse_loss(output, target, reduction="sum") / target[0].numel()}
+    return {"loss": F.mse_loss(output, target, reduction="sum") / target.shape[1:].numel()}

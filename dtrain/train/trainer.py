@@ -163,6 +163,7 @@ def fit(
             total_norm = clip_gradients(params, trainer.clip_grad_value, trainer.clip_grad_norm)
             if total_norm is not None:
                 nonfinite += (~torch.isfinite(total_norm)).to(torch.float64)
+            step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, which is what we log
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if not per_epoch:
@@ -177,7 +178,7 @@ def fit(
                 grad_total = math.sqrt(sum(v * v for v in host[2:]))
                 values = {
                     "train/loss": host[0] / (steps_since_log * env.world_size),
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": step_lr,
                     "grad_norm/total": grad_total,
                     **{f"grad_norm/{n}": v for n, v in zip(names, host[2:], strict=True)},
                     "perf/samples_per_sec": steps_since_log * batches.global_batch / max(now - last_log_time, 1e-9),
@@ -226,7 +227,7 @@ def divergence_message(step: int, values: dict[str, float], optim: OptimConfig, 
     if trainer.clip_grad_norm is None and trainer.clip_grad_value is None:
         hint += " or clip gradients (trainer.clip_grad_norm=1.0)"
     return (
-        f"training diverged by step {step}: train/loss={values['train/loss']:.4g}, "
-        f"grad_norm/total={values['grad_norm/total']:.4g} (non-finite); likely cause: the step size is "
-        f"too large for this problem; {hint}"
+        f"training diverged: non-finite loss or gradient by step {step} "
+        f"(train/loss={values['train/loss']:.4g}, grad_norm/total={values['grad_norm/total']:.4g}); "
+        f"the step size is likely too large for this problem: {hint}"
     )

@@ -1,0 +1,67 @@
+"""Shared helpers: run dtrain through its real command line, on one process or under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+
+    @property
+    def metrics(self) -> dict:
+        return json.loads((self.run_dir / "metrics.json").read_text())
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return torch.load(self.run_dir / "model.pt")
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def run_dtrain(run_dir: Path, *overrides: str, nproc: int = 0, cwd: Path | None = None, timeout: float = 240) -> Run:
+    """``python -m dtrain`` (nproc=0) or ``torchrun --standalone --nproc_per_node=nproc -m dtrain``."""
+    if nproc:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    else:
+        launcher = [sys.executable]
+    args = [*launcher, "-m", "dtrain", f"hydra.run.dir={run_dir}", "trainer.progress=lines", *overrides]
+    proc = subprocess.run(
+        args, cwd=cwd or REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr, run_dir)
+
+
+def assert_ok(run: Run) -> Run:
+    assert run.returncode == 0, f"exit {run.returncode}\nstdout:\n{run.stdout[-3000:]}\nstderr:\n{run.stderr[-3000:]}"
+    return run
+
+
+@pytest.fixture
+def dtrain_run(tmp_path: Path):
+    """Call as ``dtrain_run("model=mlp", ...)``; each call gets a fresh run directory."""
+    counter = iter(range(1000))
+
+    def _run(*overrides: str, nproc: int = 0, check: bool = True) -> Run:
+        run = run_dtrain(tmp_path / f"run{next(counter)}", *overrides, nproc=nproc)
+        return assert_ok(run) if check else run
+
+    return _run

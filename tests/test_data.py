@@ -1,0 +1,431 @@
+"""Unit tests of the sharded loader and the data sets (synthetic and from files)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dtrain import config as C
+from dtrain.data import DataSet, ShardedBatches, Split, build_dataset, shard_bounds
+from dtrain.data.loader import epoch_permutation
+from dtrain.errors import ConfigError, UserError
+
+WORLD_SIZES = (1, 2, 3, 4)
+ACCUMS = (1, 2)
+
+
+def index_split(num: int) -> Split:
+    """A split whose x holds each sample's own index, so a batch tells which samples it contains."""
+    idx = torch.arange(num, dtype=torch.float64).unsqueeze(1)
+    return Split(idx, 10 * idx)
+
+
+def indices(x: torch.Tensor) -> list[int]:
+    return [int(v) for v in x.reshape(-1).tolist()]
+
+
+def all_shards(num: int, batch: int | None, world: int, accum: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """For each rank, the list of its steps, each step the flat indices of its micro-batches in order."""
+    split = index_split(num)
+    ranks = []
+    for rank in range(world):
+        loader = ShardedBatches(split, batch, rank, world, seed, accum)
+        steps = []
+        for micro in loader.epoch(epoch):
+            assert len(micro) == accum
+            flat: list[int] = []
+            for x, y in micro:
+                assert x.shape == (loader.micro_batch, 1)
+                assert torch.equal(y, 10 * x)  # x and y are indexed together
+                flat.extend(indices(x))
+            steps.append(flat)
+        ranks.append(steps)
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------
+# ShardedBatches
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("accum", ACCUMS)
+@pytest.mark.parametrize("num, batch", [(50, 24), (48, 24), (97, 48)])
+def test_shards_disjoint_and_cover_prefix_of_permutation(num: int, batch: int, world: int, accum: int) -> None:
+    seed, epoch = 7, 3
+    ranks = all_shards(num, batch, world, accum, seed, epoch)
+    steps = num // batch
+    # Every rank runs the same number of steps: N // B.
+    assert [len(r) for r in ranks] == [steps] * world
+    every = [i for r in ranks for step in r for i in step]
+    assert len(every) == len(set(every)), "a sample appears twice in one epoch"
+    perm = epoch_permutation(num, seed, epoch).tolist()
+    assert sorted(every) == sorted(perm[: steps * batch])
+    # Each step's global batch is exactly the next B entries of the permutation.
+    for k in range(steps):
+        global_batch = [i for r in ranks for i in r[k]]
+        assert len(global_batch) == batch
+        assert set(global_batch) == set(perm[k * batch : (k + 1) * batch])
+
+
+@pytest.mark.parametrize("accum", ACCUMS)
+def test_global_batch_independent_of_world_size(accum: int) -> None:
+    num, batch, seed = 50, 24, 11
+    for epoch in (0, 1):
+        reference = None
+        for world in WORLD_SIZES:
+            ranks = all_shards(num, batch, world, accum, seed, epoch)
+            per_step = [sorted(i for r in ranks for i in r[k]) for k in range(num // batch)]
+            if reference is None:
+                reference = per_step
+            assert per_step == reference, f"world_size={world} changes the global batches"
+
+
+def test_full_batch_when_batch_size_is_none() -> None:
+    num = 24
+    loader = ShardedBatches(index_split(num), None, 0, 1, seed=0)
+    assert loader.global_batch == num
+    assert loader.steps_per_epoch == 1
+    (micro,) = list(loader.epoch(0))
+    assert sorted(indices(micro[0][0])) == list(range(num))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 123456789])
+def test_epoch_permutation_deterministic_and_varies_by_epoch(seed: int) -> None:
+    num = 100
+    a = epoch_permutation(num, seed, 5)
+    b = epoch_permutation(num, seed, 5)
+    assert torch.equal(a, b)
+    assert sorted(a.tolist()) == list(range(num))  # a permutation
+    assert not torch.equal(a, epoch_permutation(num, seed, 6))
+    assert not torch.equal(a, epoch_permutation(num, seed + 1, 5))
+
+
+def test_loader_epochs_differ_and_repeat() -> None:
+    split = index_split(40)
+    loader = ShardedBatches(split, 8, 0, 2, seed=3)
+    first = [indices(x) for micro in loader.epoch(0) for x, _ in micro]
+    again = [indices(x) for micro in loader.epoch(0) for x, _ in micro]
+    second = [indices(x) for micro in loader.epoch(1) for x, _ in micro]
+    assert first == again
+    assert first != second
+
+
+def test_batch_larger_than_data_raises() -> None:
+    with pytest.raises(ConfigError, match=r"batch_size=51\b") as info:
+        ShardedBatches(index_split(50), 51, 0, 1, seed=0)
+    assert "50" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "batch, world, accum",
+    [(10, 4, 1), (10, 3, 1), (12, 4, 2), (9, 2, 1), (9, 1, 2)],
+)
+def test_batch_not_divisible_raises(batch: int, world: int, accum: int) -> None:
+    assert batch % (world * accum)  # the case is what it claims to be
+    with pytest.raises(ConfigError, match=rf"batch_size={batch}\b") as info:
+        ShardedBatches(index_split(50), batch, 0, world, seed=0, grad_accum_steps=accum)
+    assert str(world * accum) in str(info.value)
+
+
+def test_full_batch_not_divisible_raises_naming_value() -> None:
+    with pytest.raises(ConfigError, match=r"=49\b"):
+        ShardedBatches(index_split(49), None, 0, 2, seed=0)
+
+
+@pytest.mark.parametrize("num", [0, 1, 5, 7, 10, 11, 13, 100])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6])
+def test_shard_bounds_partition(num: int, world: int) -> None:
+    bounds = [shard_bounds(num, r, world) for r in range(world)]
+    assert bounds[0][0] == 0
+    assert bounds[-1][1] == num
+    for (_, stop), (start, _) in itertools.pairwise(bounds):
+        assert stop == start  # contiguous, no overlap, no gap
+    sizes = [stop - start for start, stop in bounds]
+    assert all(s >= 0 for s in sizes)
+    assert max(sizes) - min(sizes) <= 1
+    assert sum(sizes) == num
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data sets
+
+
+def poly2d_formula(x: torch.Tensor, c: list[float]) -> torch.Tensor:
+    x1, x2 = x[:, 0], x[:, 1]
+    return (c[0] * x1 * x1 + c[1] * x1 + c[2] * x2 * x2 + c[3] * x2 + c[4]).unsqueeze(1)
+
+
+def test_poly2d_sizes_default() -> None:
+    data = build_dataset(C.Poly2dConfig(), seed=0)
+    assert isinstance(data, DataSet)
+    grid = C.Poly2dConfig().grid_size
+    assert grid * grid == 900
+    assert len(data.train) == 720
+    assert len(data.val[""]) == 180
+    assert data.task == "regression"
+    assert data.num_inputs == 2 and data.num_outputs == 1
+    assert data.train.y.shape == (720, 1)
+    # The split is a partition of the grid.
+    points = torch.cat([data.train.x, data.val[""].x])
+    assert len({tuple(p) for p in points.tolist()}) == 900
+
+
+def test_poly2d_clean_targets_follow_formula() -> None:
+    coefficients = [0.5, -2.0, 3.0, 1.25, -0.75]
+    cfg = C.Poly2dConfig(noise=0.0, coefficients=coefficients, grid_size=7, low=-1.0, high=2.0)
+    data = build_dataset(cfg, seed=4)
+    for split in (data.train, data.val[""]):
+        torch.testing.assert_close(split.y, poly2d_formula(split.x, coefficients), rtol=1e-12, atol=1e-12)
+    axis = {-1.0 + 3.0 * i / 6 for i in range(7)}
+    values = {round(v, 9) for v in torch.cat([data.train.x, data.val[""].x]).reshape(-1).tolist()}
+    assert values == {round(v, 9) for v in axis}
+
+
+def test_poly2d_deterministic_per_seed() -> None:
+    a, b, c = (build_dataset(C.Poly2dConfig(), seed=s) for s in (1, 1, 2))
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.train.y, b.train.y)
+    assert torch.equal(a.val[""].y, b.val[""].y)
+    assert not torch.equal(a.train.y, c.train.y)
+
+
+def test_poly1d_matches_polynomial() -> None:
+    k = [0.5, -1.0, 2.0, 0.25]
+    cfg = C.Poly1dConfig(degree=3, coefficients=k, noise=0.0, num_points=200, low=-2.0, high=1.0)
+    data = build_dataset(cfg, seed=0)
+    assert len(data.train) + len(data.val[""]) == 200
+    assert len(data.val[""]) == round(0.2 * 200)
+    for split in (data.train, data.val[""]):
+        x = split.x
+        assert ((x >= -2.0) & (x <= 1.0)).all()
+        expected = k[0] + k[1] * x + k[2] * x**2 + k[3] * x**3
+        torch.testing.assert_close(split.y, expected, rtol=1e-12, atol=1e-12)
+    assert data.extras["coefficients"] == k
+
+
+def test_poly1d_drawn_coefficients_deterministic() -> None:
+    cfg = C.Poly1dConfig(degree=2, coefficients=None, num_points=50)
+    a, b, c = (build_dataset(cfg, seed=s) for s in (3, 3, 4))
+    assert a.extras["coefficients"] == b.extras["coefficients"]
+    assert a.extras["coefficients"] != c.extras["coefficients"]
+    assert len(a.extras["coefficients"]) == 3
+    assert all(-1.0 <= v <= 1.0 for v in a.extras["coefficients"])
+
+
+def test_sine_splits_ranges() -> None:
+    cfg = C.SineConfig(num_points=1000, low=-1.0, high=1.5, outer_low=-3.0, outer_high=2.0, noise=0.0)
+    data = build_dataset(cfg, seed=5)
+    outer = data.val["outer"]
+    assert len(outer) == round(cfg.outer_fraction * cfg.num_points)
+    assert len(data.train) + len(data.val[""]) + len(outer) == cfg.num_points
+    ox = outer.x
+    assert ((ox < cfg.low) | (ox > cfg.high)).all()
+    assert ((ox >= cfg.outer_low) & (ox <= cfg.outer_high)).all()
+    # Both flanks are used.
+    assert (ox < cfg.low).any() and (ox > cfg.high).any()
+    for split in (data.train, data.val[""]):
+        assert ((split.x >= cfg.low) & (split.x <= cfg.high)).all()
+    for split in (data.train, data.val[""], outer):
+        torch.testing.assert_close(split.y, torch.sin(split.x), rtol=1e-12, atol=1e-12)
+
+
+def test_moons_two_long_classes() -> None:
+    cfg = C.MoonsConfig(num_points=101)
+    data = build_dataset(cfg, seed=0)
+    assert data.task == "classification"
+    assert data.num_classes == 2 and data.num_outputs == 2
+    ys = torch.cat([data.train.y, data.val[""].y])
+    assert data.train.y.dtype == torch.long and data.val[""].y.dtype == torch.long
+    assert data.train.y.ndim == 1
+    assert set(ys.tolist()) == {0, 1}
+    assert int((ys == 0).sum()) == 101 // 2
+    assert int((ys == 1).sum()) == 101 - 101 // 2
+    # to() casts x but keeps class indices as long.
+    moved = data.to(torch.device("cpu"), torch.float32)
+    assert moved.train.x.dtype == torch.float32 and moved.train.y.dtype == torch.long
+
+
+def test_moons_noise_free_on_half_circles() -> None:
+    data = build_dataset(C.MoonsConfig(num_points=60, noise=0.0), seed=1)
+    for split in (data.train, data.val[""]):
+        top = split.x[split.y == 0]
+        bottom = split.x[split.y == 1]
+        torch.testing.assert_close(top.norm(dim=1), torch.ones(len(top), dtype=torch.float64))
+        centre = torch.tensor([1.0, 0.5], dtype=torch.float64)
+        torch.testing.assert_close((bottom - centre).norm(dim=1), torch.ones(len(bottom), dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# File data
+
+
+def file_cfg(path: object, **kwargs: object) -> C.FileDataConfig:
+    return C.FileDataConfig(path=str(path), **kwargs)  # type: ignore[arg-type]
+
+
+def gather(data: DataSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows of train and val, sorted by the first feature, to compare with what was written."""
+    x = torch.cat([data.train.x, data.val[""].x])
+    y = torch.cat([data.train.y, data.val[""].y])
+    order = torch.argsort(x[:, 0])
+    return x[order], y[order]
+
+
+def test_npz_round_trip(tmp_path) -> None:
+    x = np.stack([np.arange(20, dtype=np.float64), np.linspace(-1, 1, 20)], axis=1)
+    y = 3 * x[:, 0] - x[:, 1]
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=y)
+    data = build_dataset(file_cfg(path), seed=0)
+    assert data.task == "regression" and data.num_inputs == 2
+    assert len(data.val[""]) == round(0.2 * 20)
+    gx, gy = gather(data)
+    assert gx.dtype == torch.float64
+    torch.testing.assert_close(gx, torch.from_numpy(x))
+    torch.testing.assert_close(gy, torch.from_numpy(y).unsqueeze(1))
+
+
+def test_npz_classification(tmp_path) -> None:
+    x = np.arange(12, dtype=np.float64)  # 1-D x becomes one feature
+    y = np.arange(12) % 3
+    path = tmp_path / "c.npz"
+    np.savez(path, x=x, y=y)
+    data = build_dataset(file_cfg(path, task="classification"), seed=0)
+    assert data.num_inputs == 1
+    assert data.num_classes == 3
+    gx, gy = gather(data)
+    assert gy.dtype == torch.long
+    assert gy.tolist() == (np.arange(12) % 3).tolist()
+    assert gx[:, 0].tolist() == list(range(12))
+
+
+def test_csv_round_trip(tmp_path) -> None:
+    rows = [(float(i), 0.5 * i - 1, 2.0 * i + 1) for i in range(10)]
+    path = tmp_path / "d.CSV"  # the suffix is case-insensitive
+    lines = ["a, target ,b"] + [f"{a},{t},{b}" for a, t, b in rows]
+    path.write_text("\n".join(lines) + "\n")
+    data = build_dataset(file_cfg(path, target="target", val_fraction=0.3), seed=1)
+    assert data.num_inputs == 2  # the target column is removed from the features
+    assert len(data.val[""]) == 3
+    gx, gy = gather(data)
+    torch.testing.assert_close(gx, torch.tensor([[a, b] for a, _, b in rows], dtype=torch.float64))
+    torch.testing.assert_close(gy, torch.tensor([[t] for _, t, _ in rows], dtype=torch.float64))
+
+
+def test_file_split_is_deterministic_per_seed(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.arange(50.0), y=np.arange(50.0))
+    a, b, c = (build_dataset(file_cfg(path), seed=s) for s in (0, 0, 1))
+    assert torch.equal(a.train.x, b.train.x)
+    assert not torch.equal(a.train.x, c.train.x)
+
+
+def assert_one_line_user_error(cfg: C.FileDataConfig, *fragments: str) -> None:
+    with pytest.raises(UserError) as info:
+        build_dataset(cfg, seed=0)
+    message = str(info.value)
+    assert message and "\n" not in message, f"not a one-line message: {message!r}"
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_missing_file(tmp_path) -> None:
+    assert_one_line_user_error(file_cfg(tmp_path / "nope.npz"), "nope.npz", "no such file")
+
+
+def test_directory_is_not_a_file(tmp_path) -> None:
+    assert_one_line_user_error(file_cfg(tmp_path), "no such file")
+
+
+def test_unknown_suffix(tmp_path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text("{}")
+    assert_one_line_user_error(file_cfg(path), "'.json'")
+
+
+def test_missing_csv_column(tmp_path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("a,b\n1,2\n3,4\n")
+    assert_one_line_user_error(file_cfg(path, target="label"), "'label'", "a, b")
+
+
+@pytest.mark.parametrize("suffix", ["npz", "csv"])
+def test_nan_values(tmp_path, suffix: str) -> None:
+    path = tmp_path / f"d.{suffix}"
+    if suffix == "npz":
+        np.savez(path, x=np.array([[1.0], [math.nan], [3.0]]), y=np.array([1.0, 2.0, 3.0]))
+    else:
+        path.write_text("x,y\n1,2\nnan,3\n4,5\n")
+    assert_one_line_user_error(file_cfg(path), "NaN")
+
+
+def test_nan_in_target(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.array([1.0, 2.0, 3.0]), y=np.array([1.0, math.nan, 3.0]))
+    assert_one_line_user_error(file_cfg(path), "NaN")
+
+
+def test_mismatched_lengths(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((5, 2)), y=np.zeros(4))
+    assert_one_line_user_error(file_cfg(path), "5 rows", "4")
+
+
+def test_non_numeric_csv_cell(tmp_path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("x,y\n1,2\nthree,4\n")
+    assert_one_line_user_error(file_cfg(path), "d.csv:3", "three")
+
+
+def test_missing_npz_array(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros(3), target=np.zeros(3))
+    assert_one_line_user_error(file_cfg(path), "'y'")
+
+
+def test_corrupt_npz(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    path.write_bytes(b"this is not a zip file")
+    assert_one_line_user_error(file_cfg(path), "d.npz")
+
+
+def test_classification_targets_must_be_indices(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros(3), y=np.array([0.0, 1.5, 1.0]))
+    assert_one_line_user_error(file_cfg(path, task="classification"), "class indices")
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases of user-supplied files and configs
+
+
+def test_classification_rejects_multi_column_targets(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.arange(4.0), y=np.array([[0, 1], [1, 0], [0, 1], [1, 0]]))
+    assert_one_line_user_error(file_cfg(path, task="classification"), "d.npz")
+
+
+def test_scalar_y_is_user_error(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros(3), y=np.float64(1.0))
+    assert_one_line_user_error(file_cfg(path), "d.npz")
+
+
+def test_non_utf8_csv_is_user_error(tmp_path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"x,y\n\xff1,2\n3,4\n")
+    assert_one_line_user_error(file_cfg(path), "d.csv")
+
+
+def test_csv_with_only_target_column_is_user_error(tmp_path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("y\n1\n2\n3\n")
+    assert_one_line_user_error(file_cfg(path), "d.csv")
+
+
+def test_empty_training_split_is_config_error() -> None:
+    with pytest.raises(ConfigError):
+        ShardedBatches(index_split(0), None, 0, 1, seed=0)

@@ -1,0 +1,98 @@
+"""Real 2-process gloo runs through torchrun and the CLI: DDP equals one process, rank 0 alone writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import run_dtrain
+from tests.tb import scalars
+
+pytestmark = pytest.mark.multiprocess
+
+
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(dtrain_run) -> None:
+    """Mean of per-rank gradients == full-batch gradient: same parameters after K steps (float64, 1e-10)."""
+    common = (
+        "model=mlp",
+        "model.hidden=[16,16]",
+        "data=sine",
+        "data.num_points=800",
+        "optim=adam",
+        "optim.lr=1e-2",
+        "trainer.batch_size=64",
+        "trainer.max_epochs=3",
+        "trainer.precision=float64",
+        "trainer.log_every=5",
+    )
+    single = dtrain_run(*common)
+    ddp = dtrain_run(*common, nproc=2)
+    assert ddp.metrics["world_size"] == 2 and single.metrics["world_size"] == 1
+    assert ddp.metrics["steps"] == single.metrics["steps"] == 3 * (480 // 64)
+    one, two = single.params(), ddp.params()
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-10, atol=1e-10)
+    # Metrics are reduced across ranks before logging, so they match the single process too.
+    for key in ("train/loss", "val/loss", "grad_norm/total"):
+        assert ddp.metrics[key] == pytest.approx(single.metrics[key], rel=1e-9)
+
+
+def test_polynomial_ddp_with_accumulation_equals_single_process(dtrain_run) -> None:
+    common = ("trainer.batch_size=120", "trainer.max_epochs=4", "trainer.precision=float64", "optim.lr=0.05")
+    single = dtrain_run(*common).params()
+    ddp = dtrain_run(*common, "trainer.grad_accum_steps=3", nproc=2).params()
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-10, atol=1e-10)
+
+
+def test_only_rank_zero_writes_and_ranks_share_one_run_dir(tmp_path) -> None:
+    # No hydra.run.dir: the default outputs/<date>/<time>-<id> must be one directory for both ranks.
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "dtrain",
+            "trainer.max_epochs=3",
+            "trainer.progress=lines",
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(run_dirs) == 1, run_dirs
+    run_dir = run_dirs[0]
+    assert len(list(run_dir.glob("events.out.tfevents*"))) >= 1
+    # Every event file was written by one process (rank 0): their names end in <host>.<pid>.<n>.
+    pids = {p.name.split(".")[-2] for p in run_dir.glob("events.out.tfevents*")}
+    assert len(pids) == 1
+    assert "train/loss" in scalars(run_dir)
+    # Only rank 0 logs progress lines.
+    assert proc.stdout.count("done:") == 1
+
+
+def test_bad_config_under_torchrun_is_one_line_per_job(tmp_path) -> None:
+    run = run_dtrain(tmp_path / "bad", "optim.lr=-1", nproc=2)
+    assert run.returncode != 0
+    assert run.stderr.count("dtrain: error: optim.lr=-1.0 must be a positive number") == 1
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def test_batch_not_divisible_by_world_size(tmp_path) -> None:
+    run = run_dtrain(tmp_path / "odd", "trainer.batch_size=101", nproc=2)
+    assert run.returncode != 0
+    assert "trainer.batch_size=101 is not divisible by world_size x grad_accum_steps = 2 x 1" in run.stderr
