@@ -1,0 +1,58 @@
+"""A non-editable wheel install finds its configs without the source tree (as in a container)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+from tests.conftest import REPO, cli_env
+
+
+def test_wheel_ships_conf_and_runs_outside_the_checkout(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+        check=True,
+        capture_output=True,
+        env=cli_env(),
+    )
+    (wheel,) = wheels.glob("dtrain-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dtrain/conf/config.yaml" in names
+    assert "dtrain/conf/experiment/seed_good.yaml" in names
+
+    # A fresh environment that borrows torch & co. from this one but holds its own copy of dtrain.
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        env=cli_env(),
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run(
+        [str(python), "-c", "import dtrain.__main__ as m; print(m.__file__); print(m.config_dir())"],
+        cwd=elsewhere,
+        check=True,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+    ).stdout.split()
+    assert all(str(env_dir) in path for path in where), where
+
+    proc = subprocess.run(
+        [str(python), "-m", "dtrain", "experiment=poly2d", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "metrics.json").is_file()
