@@ -63,8 +63,11 @@ def launch_id() -> str:
     if explicit:
         return explicit
     if under_torchrun():
-        started = _process_start_time(os.getppid()) or time.time()
-        token = os.environ.get("TORCHELASTIC_RUN_ID", "none")[:8]
+        agent = os.getppid()
+        started = _process_start_time(agent) or time.time()
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        # Without an --rdzv-id torchrun's id is "none": the agent's pid then keeps two jobs apart.
+        token = run_id[:8] if run_id != "none" else f"p{agent}"
     else:
         started = _START_TIME
         token = f"{os.getpid():x}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -107,3 +108,57 @@ def test_console_script_is_installed() -> None:
         check=True,
     ).stdout
     assert "precision: float64" in out
+
+
+def test_multirun_gives_each_trial_its_own_run_dir_and_survives_a_diverged_trial(tmp_path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtrain",
+            "-m",
+            "optim.lr=0.01,0.2",
+            "trainer.max_epochs=150",
+            "trainer.progress=off",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    statuses = [json.loads((tmp_path / str(i) / "metrics.json").read_text())["status"] for i in (0, 1)]
+    assert statuses == ["completed", "diverged"]
+
+
+def test_bf16_mixed_trains_with_float32_weights(dtrain_run) -> None:
+    run = dtrain_run(
+        "model=mlp",
+        "data=sine",
+        "trainer.precision=bf16-mixed",
+        "trainer.batch_size=200",
+        "trainer.max_epochs=8",
+        "optim=adam",
+        "optim.lr=3e-3",
+        "trainer.log_every=1",
+    )
+    loss = [v for _, v in scalars(run.run_dir)["train/loss"]]
+    assert loss[-1] < 0.5 * loss[0]
+    assert all(t.dtype == torch.float32 for t in run.params().values())
+
+
+def test_compiled_model_matches_eager(dtrain_run) -> None:
+    common = (
+        "model=mlp",
+        "model.hidden=[8]",
+        "data=sine",
+        "trainer.batch_size=200",
+        "trainer.max_steps=5",
+        "trainer.precision=float64",
+    )
+    eager = dtrain_run(*common).params()
+    compiled = dtrain_run(*common, "trainer.compile=true").params()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-9, atol=1e-9)

@@ -96,3 +96,54 @@ def test_batch_not_divisible_by_world_size(tmp_path) -> None:
     run = run_dtrain(tmp_path / "odd", "trainer.batch_size=101", nproc=2)
     assert run.returncode != 0
     assert "trainer.batch_size=101 is not divisible by world_size x grad_accum_steps = 2 x 1" in run.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_with_c10d_rendezvous_equal_one_process(tmp_path, dtrain_run) -> None:
+    """Two torchrun 'nodes' on this machine (c10d rendezvous on loopback) train as one job."""
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    common = ["trainer.batch_size=180", "trainer.max_epochs=4", "trainer.precision=float64", "optim.lr=0.05"]
+    port = _free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "-m",
+                "dtrain",
+                "trainer.progress=lines",
+                *common,
+            ],
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if (p / "metrics.json").exists()]
+    assert len(run_dirs) == 1
+    multinode = torch.load(run_dirs[0] / "model.pt")
+    single = dtrain_run(*common).params()
+    for name in single:
+        torch.testing.assert_close(multinode[name], single[name], rtol=1e-10, atol=1e-10)
