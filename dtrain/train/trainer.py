@@ -2,8 +2,8 @@
 
 It reads top to bottom, DDP included. It knows nothing of which model or data set it trains:
 the caller passes a built model, an in-memory data set and the config sections it needs.
-Host syncs happen only at logging and evaluation steps: on the other steps the loss and the
-non-finite flag accumulate on the device.
+Host syncs happen only at logging and evaluation steps: on the other steps the loss accumulates
+on the device.
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ def fit(
     epoch = 0
     evaluated_at = -1
     metrics: dict[str, float] = {}
-    # Device-side accumulators between logging steps: no host sync on ordinary steps.
+    # The loss accumulates on the device between logging steps: no host sync on ordinary steps. A
+    # non-finite loss on any step makes the sum non-finite, so checking it at logging steps suffices.
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-    nonfinite = torch.zeros((), dtype=torch.float64, device=env.device)
     steps_since_log = 0
     started = last_log_time = time.perf_counter()
     status, message = "completed", ""
@@ -142,7 +142,6 @@ def fit(
     model.train()
     while step < total_steps and status == "completed":
         for micro_batches in batches.epoch(epoch):
-            step_loss = torch.zeros((), dtype=torch.float64, device=env.device)
             for i, (x, y) in enumerate(micro_batches):
                 last_micro = i == len(micro_batches) - 1
                 # Gradients of the accumulating micro-batches stay local; the last one all-reduces.
@@ -151,18 +150,15 @@ def fit(
                     with autocast():
                         loss = compute_loss(forward_model(x), y) / len(micro_batches)
                     loss.backward()
-                step_loss += loss.detach()
-            loss_sum += step_loss
-            nonfinite += (~torch.isfinite(step_loss)).to(torch.float64)
+                loss_sum += loss.detach()
             step += 1
             steps_since_log += 1
             log_now = step % trainer.log_every == 0 or step == total_steps
 
             if log_now:  # per-parameter norms before clipping, for the dashboard
                 norms, names = grad_norms(named_params)
-            total_norm = clip_gradients(params, trainer.clip_grad_value, trainer.clip_grad_norm)
-            if total_norm is not None:
-                nonfinite += (~torch.isfinite(total_norm)).to(torch.float64)
+            # A non-finite gradient under norm clipping turns the parameters, and so the next loss, non-finite.
+            clip_gradients(params, trainer.clip_grad_value, trainer.clip_grad_norm)
             step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, which is what we log
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -172,21 +168,21 @@ def fit(
             if log_now:
                 # One collective and one host sync for everything reduced across ranks. Gradient
                 # norms need no reduction: after DDP's all-reduce every rank holds the same gradients.
-                reduced = all_reduce_sum(torch.stack([loss_sum, nonfinite]), env)
+                reduced = all_reduce_sum(loss_sum.reshape(1), env)
                 host = torch.cat([reduced, norms.to(reduced.device)]).tolist()
                 now = time.perf_counter()
-                grad_total = math.sqrt(sum(v * v for v in host[2:]))
+                grad_total = math.sqrt(sum(v * v for v in host[1:]))
                 values = {
                     "train/loss": host[0] / (steps_since_log * env.world_size),
                     "lr": step_lr,
                     "grad_norm/total": grad_total,
-                    **{f"grad_norm/{n}": v for n, v in zip(names, host[2:], strict=True)},
+                    **{f"grad_norm/{n}": v for n, v in zip(names, host[1:], strict=True)},
                     "perf/samples_per_sec": steps_since_log * batches.global_batch / max(now - last_log_time, 1e-9),
                 }
                 logger.scalars(step, values)
                 logger.progress_update(step, total_steps, epoch + 1, values)
                 metrics.update(values)
-                if host[1] > 0 or not math.isfinite(grad_total):
+                if not (math.isfinite(host[0]) and math.isfinite(grad_total)):
                     status = "diverged"
                     message = divergence_message(step, values, optim, trainer)
                     break
