@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dtrain import dist
-from dtrain.config import ConfigError, load, register_configs
-from dtrain.errors import UserError
+from dtrain.config import load, register_configs
+from dtrain.errors import RankLocalError, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -69,12 +69,29 @@ OmegaConf.register_new_resolver("dtrain_launch", dist.launch_id, use_cache=True,
 register_configs()
 
 
+class _TaskState:
+    """Whether a job is running: Hydra errors raised outside one come from composing the config."""
+
+    running = False
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def hydra_task(cfg: DictConfig) -> float:
     """One training job as Hydra runs it (once, or per trial under ``-m``)."""
+    _TaskState.running = True
+    try:
+        return _run_job(cfg)
+    finally:
+        _TaskState.running = False
+
+
+def _run_job(cfg: DictConfig) -> float:
     rank = dist.env_rank()
     setup_logging(rank)
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        if sweeping and dist.under_torchrun():
+            raise UserError("a sweep (-m) runs trials, not ranks: start it outside torchrun (python -m dtrain -m ...)")
         config = load(cfg)
         from dtrain.run import train  # the trainer (and torch's heavier parts) only once the config is good
 
@@ -82,13 +99,18 @@ def hydra_task(cfg: DictConfig) -> float:
     except UserError as exc:
         if SHOW_TRACEBACKS:
             raise
-        # A config error is the same on every rank: say it once.
-        fail(str(exc), EXIT_USER_ERROR, quiet=isinstance(exc, ConfigError) and rank != 0)
+        # Most errors are the same on every rank: say them once.
+        quiet = rank != 0 and not isinstance(exc, RankLocalError)
+        if sweeping:  # one bad trial must not end the sweep: report it and score it as the worst
+            if not quiet:
+                print(f"dtrain: error: {exc}", file=sys.stderr, flush=True)
+            return math.inf
+        fail(str(exc), EXIT_USER_ERROR, quiet=quiet)
     log = logging.getLogger("dtrain")
     if summary["status"] == "diverged":
         if rank == 0:
             print(f"dtrain: {summary['_message']}", file=sys.stderr, flush=True)
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if not sweeping:
             sys.exit(EXIT_DIVERGED)
     elif rank == 0:
         shown = {k: v for k, v in summary.items() if not k.startswith(("_", "grad_norm/"))}
@@ -104,6 +126,8 @@ def hydra_error_line(exc: BaseException) -> str:
     """Hydra's multi-line composition error as one line: what failed, why, and the valid options."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     text = lines[0].rstrip(".") if lines else type(exc).__name__
+    if text.endswith(":") and len(lines) > 1:  # the reason is on the next line
+        text += " " + lines[1].rstrip(".")
     cause = exc.__cause__
     if cause is not None and str(cause).strip():
         text += ": " + str(cause).strip().splitlines()[0].rstrip(".")
@@ -117,13 +141,20 @@ def main() -> None:
     """Console-script entry: ``dtrain [hydra overrides]``."""
     # Let Hydra's own errors (unknown group option, unknown key, unparsable override) reach us, so
     # they are reported as one line like ours; HYDRA_FULL_ERROR=1 set by the user keeps tracebacks.
+    # Errors raised while a job runs are bugs (user errors there are UserError) and keep their traceback.
+    previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_task()
     except (HydraException, OmegaConfBaseException) as exc:
-        if SHOW_TRACEBACKS:
+        if SHOW_TRACEBACKS or _TaskState.running:
             raise
         fail(hydra_error_line(exc), EXIT_USER_ERROR, quiet=dist.env_rank() != 0)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 if __name__ == "__main__":

@@ -311,6 +311,7 @@ def _fraction(key: str, value: float) -> None:
 
 def check(config: Config) -> None:
     """Check values a type cannot rule out; raise :class:`ConfigError` naming the first bad one."""
+    _require(0 <= config.seed < 2**63, f"seed={config.seed} must be in [0, 2^63)")
     model, data, optim, schedule, trainer = (
         config.model,
         config.data,
@@ -359,6 +360,7 @@ def check(config: Config) -> None:
         f"optim.betas={optim.betas} must hold two values in [0, 1)",
     )
     _positive("optim.eps", optim.eps)
+    _positive("optim.lr_decay", optim.lr_decay, allow_zero=True)
     _require(0.0 <= optim.alpha <= 1.0, f"optim.alpha={optim.alpha} must be in [0, 1]")
     _require(
         not (optim.nesterov and optim.momentum == 0),
@@ -370,6 +372,10 @@ def check(config: Config) -> None:
     _positive("schedule.warmup", schedule.warmup, allow_zero=True)
     _require(0.0 < schedule.decay <= 1.0, f"schedule.decay={schedule.decay} must be in (0, 1]")
     _positive("schedule.min_lr", schedule.min_lr, allow_zero=True)
+    _require(
+        schedule.min_lr <= optim.lr,
+        f"schedule.min_lr={schedule.min_lr:g} is above optim.lr={optim.lr:g}; the floor would raise the rate",
+    )
     _positive("schedule.step_size", schedule.step_size)
     _positive("schedule.gamma", schedule.gamma)
 

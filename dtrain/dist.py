@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dtrain.errors import UserError
+from dtrain.errors import RankLocalError, UserError
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def env_rank() -> int:
 
 
 def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+    """True in a worker that torchrun (the elastic agent) started; a stray WORLD_SIZE does not count."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def launch_id() -> str:
@@ -67,7 +69,12 @@ def launch_id() -> str:
         started = _process_start_time(agent) or time.time()
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         # Without an --rdzv-id torchrun's id is "none": the agent's pid then keeps two jobs apart.
-        token = run_id[:8] if run_id != "none" else f"p{agent}"
+        if run_id == "none":
+            token = f"p{agent}"
+        elif _UUID.fullmatch(run_id):
+            token = run_id[:8]  # torchrun's own random id: 8 hex digits are plenty
+        else:
+            token = run_id  # a user's --rdzv-id, kept whole so job_01 and job_02 stay apart
     else:
         started = _START_TIME
         token = f"{os.getpid():x}"
@@ -76,6 +83,7 @@ def launch_id() -> str:
 
 
 _START_TIME = time.time()
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _process_start_time(pid: int) -> float | None:
@@ -99,7 +107,7 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
         raise UserError("trainer.device=cuda but no CUDA GPU is available; use trainer.device=cpu or auto")
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise UserError(f"LOCAL_RANK={local_rank} but only {count} GPU(s) are visible; lower --nproc_per_node")
+        raise RankLocalError(f"LOCAL_RANK={local_rank} but only {count} GPU(s) are visible; lower --nproc_per_node")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 

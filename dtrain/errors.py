@@ -2,7 +2,14 @@
 
 
 class UserError(Exception):
-    """A mistake in the user's input (config, data, environment) with a message that says how to fix it."""
+    """A mistake in the user's input (config, data, environment) with a message that says how to fix it.
+
+    Most are the same on every rank (the config and the data are), so only rank 0 reports them.
+    """
+
+
+class RankLocalError(UserError):
+    """A mistake that may show on some ranks only (e.g. this rank has no GPU): every rank reports it."""
 
 
 class ConfigError(UserError):

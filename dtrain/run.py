@@ -19,10 +19,10 @@ import torch
 
 from dtrain import dist
 from dtrain.config import Config, as_yaml, to_plain
-from dtrain.data import build_dataset
+from dtrain.data import ShardedBatches, build_dataset
 from dtrain.models import build_model
 from dtrain.train.logger import RunLogger
-from dtrain.train.trainer import TrainResult, fit
+from dtrain.train.trainer import TrainResult, fit, param_dtype
 
 log = logging.getLogger("dtrain")
 _UMASK = os.umask(0)
@@ -59,7 +59,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def flat_hparams(config: Config) -> dict[str, Any]:
-    """``section.key -> value`` for TensorBoard's HParams (lists become strings, None becomes 'null')."""
+    """``section.key -> value`` for TensorBoard's HParams (lists and None become their ``str``)."""
     flat: dict[str, Any] = {}
     for section, values in to_plain(config).items():
         if not isinstance(values, dict):
@@ -75,20 +75,29 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
     env = dist.setup(config.trainer.device, config.dist.backend, config.dist.timeout_s)
     try:
         run_dir = agree_on_run_dir(run_dir, env)
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        data = build_dataset(config.data, config.seed).to(env.device, param_dtype(config.trainer.precision))
+        model = build_model(config.model, data)
+        batches = ShardedBatches(
+            data.train,
+            config.trainer.batch_size,
+            env.rank,
+            env.world_size,
+            config.seed,
+            config.trainer.grad_accum_steps,
+        )
+        torch.manual_seed(config.seed + 1 + env.rank)  # per-rank stream for dropout
+
+        # Every check of the user's input has passed: only now is the run directory touched.
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / "config.yaml", as_yaml(config).encode())
             log.info("run directory: %s (world size %d, %s)", run_dir, env.world_size, env.device)
 
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
-        data = build_dataset(config.data, config.seed)
-        model = build_model(config.model, data)
-        torch.manual_seed(config.seed + 1 + env.rank)  # per-rank stream for dropout
-
         logger = RunLogger(run_dir, env.is_main, config.trainer.progress)
         try:
             logger.text("config", "```\n" + as_yaml(config) + "\n```")
-            result = fit(model, data, config.trainer, config.optim, config.schedule, env, logger, config.seed)
+            result = fit(model, data, batches, config.trainer, config.optim, config.schedule, env, logger)
             summary = results_summary(result, env.world_size)
             logger.hparams(flat_hparams(config), {k: v for k, v in summary.items() if isinstance(v, float)})
         finally:

@@ -117,7 +117,7 @@ def test_multirun_gives_each_trial_its_own_run_dir_and_survives_a_diverged_trial
             "-m",
             "dtrain",
             "-m",
-            "optim.lr=0.01,0.2",
+            "optim.lr=0.01,0.2,-1",
             "trainer.max_epochs=150",
             "trainer.progress=off",
             f"hydra.sweep.dir={tmp_path}",
@@ -131,6 +131,16 @@ def test_multirun_gives_each_trial_its_own_run_dir_and_survives_a_diverged_trial
     assert proc.returncode == 0, proc.stderr
     statuses = [json.loads((tmp_path / str(i) / "metrics.json").read_text())["status"] for i in (0, 1)]
     assert statuses == ["completed", "diverged"]
+    # The third trial's bad value is reported in one line and scored as the worst, not fatal to the sweep.
+    assert "dtrain: error: optim.lr=-1.0 must be a positive number" in proc.stderr
+    assert not (tmp_path / "2" / "metrics.json").exists()
+
+
+def test_default_evaluation_is_each_epoch_but_no_more_often_than_logging(dtrain_run) -> None:
+    run = dtrain_run("trainer.max_epochs=20", "trainer.log_every=5")  # full batch: one step an epoch
+    assert [step for step, _ in scalars(run.run_dir)["val/loss"]] == [5, 10, 15, 20]
+    run = dtrain_run("model=mlp", "data=sine", "trainer.batch_size=256", "trainer.max_epochs=3", "trainer.log_every=1")
+    assert [step for step, _ in scalars(run.run_dir)["val/loss"]] == [4, 8, 12]  # 1280 // 256 = 4 steps an epoch
 
 
 def test_bf16_mixed_trains_with_float32_weights(dtrain_run) -> None:

@@ -77,6 +77,9 @@ def test_warmup_cosine_is_cosine_with_warmup() -> None:
         (["data=poly1d", "data.degree=2", "data.coefficients=[1,2]"], "data.degree=2 needs 3"),
         (["optim.nesterov=true"], "optim.nesterov=true needs optim.momentum > 0"),
         (["dist.backend=mpi"], "dist.backend='mpi' is not one of: auto, nccl, gloo"),
+        (["optim=adam", "optim.lr=3e-4", "schedule=cosine", "schedule.min_lr=1e-3"], "schedule.min_lr=0.001 is above"),
+        (["optim=adagrad", "optim.lr_decay=-1"], "optim.lr_decay=-1.0"),
+        (["seed=-1"], "seed=-1 must be in [0, 2^63)"),
     ],
 )
 def test_impossible_values_are_one_line_config_errors(overrides: list[str], message: str) -> None:
@@ -97,6 +100,7 @@ def test_impossible_values_are_one_line_config_errors(overrides: list[str], mess
         (["trainer.batch_size=100000"], "trainer.batch_size=100000 is larger than the training set (720 samples)"),
         (["data=file", "data.path=/no/such.csv"], "data.path='/no/such.csv': no such file"),
         (["data=moons"], "model=polynomial is a regression model"),
+        (["model=[mlp,polynomial]"], "PolynomialConfig is not a subclass of MLPConfig"),
     ],
 )
 def test_cli_reports_bad_input_in_one_line(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -119,3 +123,13 @@ def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_a_failed_run_overwrites_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "existing"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("precious\n")
+    run = run_dtrain(run_dir, "trainer.batch_size=100000")
+    assert run.returncode == 2
+    assert (run_dir / "config.yaml").read_text() == "precious\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]

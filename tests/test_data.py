@@ -429,3 +429,16 @@ def test_csv_with_only_target_column_is_user_error(tmp_path) -> None:
 def test_empty_training_split_is_config_error() -> None:
     with pytest.raises(ConfigError):
         ShardedBatches(index_split(0), None, 0, 1, seed=0)
+
+
+def test_truncated_npz_is_user_error(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((10, 2)), y=np.zeros(10))
+    path.write_bytes(path.read_bytes()[:100])
+    assert_one_line_user_error(file_cfg(path), "not a readable .npz")
+
+
+def test_absurd_class_label_is_user_error(tmp_path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((4, 2)), y=np.array([0, 1, 0, 10**9]))
+    assert_one_line_user_error(file_cfg(path, task="classification"), "class indices 0..K-1")

@@ -147,3 +147,33 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_process(tmp_path, dtrain_run) 
     single = dtrain_run(*common).params()
     for name in single:
         torch.testing.assert_close(multinode[name], single[name], rtol=1e-10, atol=1e-10)
+
+
+def test_a_sweep_inside_torchrun_is_refused(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "dtrain",
+            "-m",
+            "optim.lr=0.01,0.02",
+            f"hydra.sweep.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.stderr.count("dtrain: error: a sweep (-m) runs trials, not ranks") == 2  # once per trial
+    assert not list(tmp_path.glob("*/metrics.json"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,11 @@ def load(cfg: C.FileDataConfig, gen: torch.Generator) -> DataSet:
             raise UserError(f"data.path={cfg.path!r}: classification targets must be class indices 0..K-1")
         yt = torch.as_tensor(labels, dtype=torch.long)
         num_classes = int(yt.max()) + 1
+        if num_classes > len(yt):
+            raise UserError(
+                f"data.path={cfg.path!r}: class label {num_classes - 1} in {len(yt)} rows; "
+                "labels must be class indices 0..K-1"
+            )
     else:
         yt = torch.as_tensor(y.reshape(y.shape[0], -1), dtype=torch.float64)
         if yt.shape[1] != 1:
@@ -60,7 +66,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             if missing:
                 raise UserError(f"{path}: missing array(s) {missing}; a .npz needs arrays 'x' and 'y'")
             return arrays["x"].astype(np.float64), arrays["y"].astype(np.float64)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable .npz file ({exc})") from None
 
 

@@ -1,7 +1,8 @@
 """Batches of an in-memory split, sharded across ranks by indexing: no DataLoader, no workers.
 
-Every rank computes the same permutation from (seed, epoch). Optimizer step ``k`` consumes the
-global batch ``perm[k*B:(k+1)*B]``, and rank ``r`` takes its contiguous ``B/world`` slice of it. So
+Every rank computes the same permutation from (seed, epoch) (with a full batch, the identity).
+Optimizer step ``k`` consumes the global batch ``perm[k*B:(k+1)*B]``, and rank ``r`` takes its
+contiguous ``B/world`` slice of it. So
 
 * shards are disjoint within an epoch and together cover the first ``steps * B`` samples;
 * each rank runs exactly ``N // B`` steps an epoch, so no collective ever waits on a rank that ran
@@ -72,12 +73,20 @@ class ShardedBatches:
 
     def epoch(self, epoch: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Yield, for each optimizer step of ``epoch``, this rank's ``grad_accum_steps`` micro-batches."""
-        perm = epoch_permutation(len(self.split), self.seed, epoch).to(self.split.x.device, non_blocking=True)
+        # Full batch: every step sees all samples, so the order cannot matter to the mean; slice
+        # contiguous views instead of gathering a shuffled copy of the whole set every step.
+        full_batch = self.global_batch == len(self.split)
+        if not full_batch:
+            perm = epoch_permutation(len(self.split), self.seed, epoch).to(self.split.x.device, non_blocking=True)
         rank_batch = self.micro_batch * self.grad_accum_steps
         for step in range(self.steps_per_epoch):
             start = step * self.global_batch + self.rank * rank_batch
             micro = []
             for m in range(self.grad_accum_steps):
-                idx = perm[start + m * self.micro_batch : start + (m + 1) * self.micro_batch]
-                micro.append((self.split.x[idx], self.split.y[idx]))
+                lo, hi = start + m * self.micro_batch, start + (m + 1) * self.micro_batch
+                if full_batch:
+                    micro.append((self.split.x[lo:hi], self.split.y[lo:hi]))
+                else:
+                    idx = perm[lo:hi]
+                    micro.append((self.split.x[idx], self.split.y[idx]))
             yield micro

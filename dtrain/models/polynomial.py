@@ -41,7 +41,6 @@ class Polynomial(nn.Module):
             values = torch.tensor(init, dtype=torch.float64)
         for i in range(count):
             self.register_parameter(f"c{i}", nn.Parameter(values[i].clone().to(torch.get_default_dtype())))
-        self.register_buffer("powers", torch.arange(degree, 0, -1), persistent=False)
 
     def terms(self) -> list[str]:
         """A readable name for each coefficient's term, in parameter order (``x1^2``, ``x1``, ..., ``1``)."""
@@ -55,5 +54,7 @@ class Polynomial(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.coefficients()
-        features = (x.unsqueeze(-1) ** self.powers).flatten(1)  # [B, inputs * degree]
+        # [B, inputs, degree] -> [B, inputs * degree], input-major as the coefficients are. Plain Python
+        # powers rather than a tensor buffer: DDP would broadcast a buffer on every step.
+        features = torch.stack([x**p for p in range(self.degree, 0, -1)], dim=-1).flatten(1)
         return features @ c[:-1].unsqueeze(1) + c[-1]

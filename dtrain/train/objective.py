@@ -20,7 +20,7 @@ def loss_fn(task: str) -> LossFn:
 def metric_sums(task: str, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-batch *sums* (so shards of any size add up exactly across ranks): loss and, for classes, correct."""
     if task == "classification":
-        sums = {"loss": F.cross_entropy(output.float(), target, reduction="sum")}
+        sums = {"loss": F.cross_entropy(output, target, reduction="sum")}
         sums["accuracy"] = (output.argmax(dim=1) == target).sum().to(sums["loss"].dtype)
         return sums
     return {"loss": F.mse_loss(output, target, reduction="sum") / target.shape[1:].numel()}

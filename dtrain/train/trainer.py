@@ -30,7 +30,10 @@ from dtrain.train.objective import loss_fn, metric_sums
 
 log = logging.getLogger("dtrain")
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bf16-mixed": torch.float32}
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The dtype of weights and data: float64 for ``float64``; float32 otherwise (bf16 autocasts on top)."""
+    return torch.float64 if precision == "float64" else torch.float32
 
 
 @dataclass
@@ -49,8 +52,12 @@ def evaluate(
     task: str,
     env: DistEnv,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    chunk: int,
 ) -> dict[str, float]:
-    """Validation metrics over every rank's disjoint slice of each split, summed across ranks (one collective)."""
+    """Validation metrics over every rank's disjoint slice of each split, summed across ranks (one collective).
+
+    Each slice is evaluated ``chunk`` rows at a time, so evaluation needs no more memory than training.
+    """
     if not val:
         return {}
     was_training = model.training
@@ -60,13 +67,17 @@ def evaluate(
     with torch.no_grad():
         for suffix, split in val.items():
             start, stop = shard_bounds(len(split), env.rank, env.world_size)
-            with autocast():
-                output = model(split.x[start:stop])
-            if output.dtype == torch.bfloat16:
-                output = output.float()
-            sums = metric_sums(task, output, split.y[start:stop])
+            sums: dict[str, torch.Tensor] = {}
+            for lo in range(start, max(stop, start + 1), chunk):  # an empty slice still yields zero sums
+                hi = min(lo + chunk, stop)
+                with autocast():
+                    output = model(split.x[lo:hi])
+                if output.dtype == torch.bfloat16:
+                    output = output.float()
+                for name, value in metric_sums(task, output, split.y[lo:hi]).items():
+                    sums[name] = sums.get(name, 0) + value.to(torch.float64)
             layout.append((suffix, list(sums)))
-            parts.extend(v.to(torch.float64) for v in sums.values())
+            parts.extend(sums.values())
             parts.append(torch.tensor(float(stop - start), dtype=torch.float64, device=split.x.device))
     model.train(was_training)
     totals = all_reduce_sum(torch.stack(parts), env).tolist()
@@ -85,17 +96,18 @@ def evaluate(
 def fit(
     model: nn.Module,
     data: DataSet,
+    batches: ShardedBatches,
     trainer: TrainerConfig,
     optim: OptimConfig,
     schedule: ScheduleConfig,
     env: DistEnv,
     logger: RunLogger,
-    seed: int,
 ) -> TrainResult:
-    """Train ``model`` on ``data`` and return how it ended; ``model`` holds the trained weights afterwards."""
-    dtype = DTYPES[trainer.precision]
-    data = data.to(env.device, dtype)
-    model.to(env.device, dtype)
+    """Train ``model`` on ``data`` (already on the device) in ``batches``; return how it ended.
+
+    ``model`` holds the trained weights afterwards.
+    """
+    model.to(env.device, param_dtype(trainer.precision))
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
 
@@ -110,7 +122,6 @@ def fit(
             return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    batches = ShardedBatches(data.train, trainer.batch_size, env.rank, env.world_size, seed, trainer.grad_accum_steps)
     total_steps = batches.steps_per_epoch * trainer.max_epochs
     if trainer.max_steps is not None:
         total_steps = min(total_steps, trainer.max_steps)
@@ -134,7 +145,7 @@ def fit(
 
     def run_evaluation() -> None:
         nonlocal evaluated_at
-        val = evaluate(model, data.val, data.task, env, autocast)
+        val = evaluate(model, data.val, data.task, env, autocast, chunk=batches.micro_batch)
         logger.scalars(step, val)
         metrics.update(val)
         evaluated_at = step
@@ -196,10 +207,11 @@ def fit(
                 break
 
         if status == "completed" and step == (epoch + 1) * batches.steps_per_epoch:
-            # A whole epoch ran: per-epoch schedules and end-of-epoch evaluation.
+            # A whole epoch ran: per-epoch schedules and end-of-epoch evaluation, but no more often
+            # than every log_every steps (with one step an epoch, evaluating each epoch would sync each step).
             if per_epoch:
                 scheduler.step()
-            if not trainer.eval_every:
+            if not trainer.eval_every and step - max(evaluated_at, 0) >= trainer.log_every:
                 run_evaluation()
         epoch += 1
 
