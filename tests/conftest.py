@@ -37,16 +37,25 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_dtrain(run_dir: Path, *overrides: str, nproc: int = 0, cwd: Path | None = None, timeout: float = 240) -> Run:
-    """``python -m dtrain`` (nproc=0) or ``torchrun --standalone --nproc_per_node=nproc -m dtrain``."""
+def launch(*args: str, nproc: int = 0, cwd: Path = REPO, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``python -m dtrain ARGS`` (nproc=0) or ``torchrun --standalone --nproc_per_node=nproc -m dtrain ARGS``."""
+    launcher = [sys.executable]
     if nproc:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    else:
-        launcher = [sys.executable]
-    args = [*launcher, "-m", "dtrain", f"hydra.run.dir={run_dir}", "trainer.progress=lines", *overrides]
-    proc = subprocess.run(
-        args, cwd=cwd or REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout, check=False
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run(
+        [*launcher, "-m", "dtrain", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
+
+
+def run_dtrain(run_dir: Path, *overrides: str, nproc: int = 0) -> Run:
+    """Train into ``run_dir`` through the CLI and collect what happened."""
+    proc = launch(f"hydra.run.dir={run_dir}", "trainer.progress=lines", *overrides, nproc=nproc)
     return Run(proc.returncode, proc.stdout, proc.stderr, run_dir)
 
 

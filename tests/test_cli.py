@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import REPO, cli_env, launch
 from tests.tb import scalars
 
 SHORT = ("trainer.max_epochs=5", "trainer.log_every=1")
@@ -87,14 +86,7 @@ def test_schedules_reach_tensorboard(dtrain_run) -> None:
 
 
 def test_cfg_job_prints_the_resolved_config() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "dtrain", "model=mlp", "optim=adam", "optim.lr=3e-4", "--cfg", "job"],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = launch("model=mlp", "optim=adam", "optim.lr=3e-4", "--cfg", "job").stdout
     assert "name: mlp" in out and "lr: 0.0003" in out and "name: adam" in out
 
 
@@ -111,23 +103,8 @@ def test_console_script_is_installed() -> None:
 
 
 def test_multirun_gives_each_trial_its_own_run_dir_and_survives_a_diverged_trial(tmp_path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dtrain",
-            "-m",
-            "optim.lr=0.01,0.2,-1",
-            "trainer.max_epochs=150",
-            "trainer.progress=off",
-            f"hydra.sweep.dir={tmp_path}",
-        ],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    sweep = ("-m", "optim.lr=0.01,0.2,-1", "trainer.max_epochs=150", "trainer.progress=off")
+    proc = launch(*sweep, f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     statuses = [json.loads((tmp_path / str(i) / "metrics.json").read_text())["status"] for i in (0, 1)]
     assert statuses == ["completed", "diverged"]

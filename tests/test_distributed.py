@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import run_dtrain
+from tests.conftest import launch, run_dtrain
 from tests.tb import scalars
 
 pytestmark = pytest.mark.multiprocess
@@ -48,30 +48,7 @@ def test_polynomial_ddp_with_accumulation_equals_single_process(dtrain_run) -> N
 
 def test_only_rank_zero_writes_and_ranks_share_one_run_dir(tmp_path) -> None:
     # No hydra.run.dir: the default outputs/<date>/<time>-<id> must be one directory for both ranks.
-    import subprocess
-    import sys
-
-    from tests.conftest import cli_env
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "dtrain",
-            "trainer.max_epochs=3",
-            "trainer.progress=lines",
-        ],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    proc = launch("trainer.max_epochs=3", "trainer.progress=lines", nproc=2, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(run_dirs) == 1, run_dirs
@@ -150,30 +127,6 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_process(tmp_path, dtrain_run) 
 
 
 def test_a_sweep_inside_torchrun_is_refused(tmp_path) -> None:
-    import subprocess
-    import sys
-
-    from tests.conftest import cli_env
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "dtrain",
-            "-m",
-            "optim.lr=0.01,0.02",
-            f"hydra.sweep.dir={tmp_path}",
-        ],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    proc = launch("-m", "optim.lr=0.01,0.02", f"hydra.sweep.dir={tmp_path}", nproc=2, cwd=tmp_path)
     assert proc.stderr.count("dtrain: error: a sweep (-m) runs trials, not ranks") == 2  # once per trial
     assert not list(tmp_path.glob("*/metrics.json"))
