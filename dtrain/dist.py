@@ -7,6 +7,7 @@ initialise one group (NCCL on CUDA, gloo on CPU), put each rank on its own GPU, 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import time
@@ -134,7 +135,14 @@ def setup(device_choice: str, backend_choice: str, timeout_s: float) -> DistEnv:
 
 
 def teardown(env: DistEnv) -> None:
+    """Destroy the process group, after collecting garbage.
+
+    A DDP wrapper caught in a reference cycle keeps the group alive past ``destroy_process_group``;
+    gloo then tears it down during interpreter shutdown and the process can abort ("terminate called
+    without an active exception"). Collecting first frees it while the group is still valid.
+    """
     if env.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

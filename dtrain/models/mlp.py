@@ -12,17 +12,25 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "ge
 
 
 class Block(nn.Module):
-    """Linear -> [LayerNorm] -> activation -> [Dropout]."""
+    """Linear -> [LayerNorm] -> activation -> [Dropout].
+
+    Absent layers are None rather than ``nn.Identity``: on small models each module call is a
+    measurable share of the step (docs/benchmarks.md).
+    """
 
     def __init__(self, fan_in: int, fan_out: int, activation: str, layer_norm: bool, dropout: float) -> None:
         super().__init__()
         self.linear = nn.Linear(fan_in, fan_out)
-        self.norm = nn.LayerNorm(fan_out) if layer_norm else nn.Identity()
+        self.norm = nn.LayerNorm(fan_out) if layer_norm else None
         self.act = ACTIVATIONS[activation]()
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.act(self.norm(self.linear(x))))
+        x = self.linear(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        x = self.act(x)
+        return x if self.drop is None else self.drop(x)
 
 
 class MLP(nn.Module):

@@ -127,6 +127,8 @@ def fit(
         total_steps = min(total_steps, trainer.max_steps)
     optimizer = build_optimizer(params, optim)
     per_epoch = schedule.interval == "epoch"
+    # A constant rate without warmup never changes: skip stepping its scheduler.
+    schedule_moves = schedule.name != "constant" or schedule.warmup > 0
     scheduler = build_scheduler(
         optimizer, schedule, math.ceil(total_steps / batches.steps_per_epoch) if per_epoch else total_steps
     )
@@ -138,14 +140,21 @@ def fit(
     metrics: dict[str, float] = {}
     # The loss accumulates on the device between logging steps: no host sync on ordinary steps. A
     # non-finite loss on any step makes the sum non-finite, so checking it at logging steps suffices.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+    # Kept in the weights' dtype (float32 or float64): a dtype conversion every step costs measurably.
+    loss_sum = torch.zeros((), dtype=param_dtype(trainer.precision), device=env.device)
     steps_since_log = 0
     started = last_log_time = time.perf_counter()
+    # Throughput counts training only: evaluation time is measured and left out.
+    eval_seconds = eval_since_log = 0.0
     status, message = "completed", ""
 
     def run_evaluation() -> None:
-        nonlocal evaluated_at
+        nonlocal evaluated_at, eval_seconds, eval_since_log
+        began = time.perf_counter()
         val = evaluate(model, data.val, data.task, env, autocast, chunk=batches.micro_batch)
+        took = time.perf_counter() - began  # evaluate() ends in a host sync, so this is its real cost
+        eval_seconds += took
+        eval_since_log += took
         logger.scalars(step, val)
         metrics.update(val)
         evaluated_at = step
@@ -159,7 +168,9 @@ def fit(
                 sync = contextlib.nullcontext() if last_micro or not env.distributed else ddp_model.no_sync()
                 with sync:
                     with autocast():
-                        loss = compute_loss(forward_model(x), y) / len(micro_batches)
+                        loss = compute_loss(forward_model(x), y)
+                        if len(micro_batches) > 1:
+                            loss = loss / len(micro_batches)
                     loss.backward()
                 loss_sum += loss.detach()
             step += 1
@@ -173,22 +184,23 @@ def fit(
             step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, which is what we log
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if not per_epoch:
+            if schedule_moves and not per_epoch:
                 scheduler.step()
 
             if log_now:
                 # One collective and one host sync for everything reduced across ranks. Gradient
                 # norms need no reduction: after DDP's all-reduce every rank holds the same gradients.
-                reduced = all_reduce_sum(loss_sum.reshape(1), env)
-                host = torch.cat([reduced, norms.to(reduced.device)]).tolist()
+                reduced = all_reduce_sum(torch.stack([loss_sum]), env)
+                host = torch.cat([reduced.double(), norms.to(reduced.device)]).tolist()
                 now = time.perf_counter()
+                train_seconds = now - last_log_time - eval_since_log
                 grad_total = math.sqrt(sum(v * v for v in host[1:]))
                 values = {
                     "train/loss": host[0] / (steps_since_log * env.world_size),
                     "lr": step_lr,
                     "grad_norm/total": grad_total,
                     **{f"grad_norm/{n}": v for n, v in zip(names, host[1:], strict=True)},
-                    "perf/samples_per_sec": steps_since_log * batches.global_batch / max(now - last_log_time, 1e-9),
+                    "perf/samples_per_sec": steps_since_log * batches.global_batch / max(train_seconds, 1e-9),
                 }
                 logger.scalars(step, values)
                 logger.progress_update(step, total_steps, epoch + 1, values)
@@ -200,6 +212,7 @@ def fit(
                 loss_sum.zero_()
                 steps_since_log = 0
                 last_log_time = now
+                eval_since_log = 0.0
 
             if trainer.eval_every and step % trainer.eval_every == 0:
                 run_evaluation()
@@ -209,7 +222,7 @@ def fit(
         if status == "completed" and step == (epoch + 1) * batches.steps_per_epoch:
             # A whole epoch ran: per-epoch schedules and end-of-epoch evaluation, but no more often
             # than every log_every steps (with one step an epoch, evaluating each epoch would sync each step).
-            if per_epoch:
+            if schedule_moves and per_epoch:
                 scheduler.step()
             if not trainer.eval_every and step - max(evaluated_at, 0) >= trainer.log_every:
                 run_evaluation()
@@ -223,7 +236,7 @@ def fit(
         status=status,
         steps=step,
         metrics=metrics,
-        samples_per_sec=step * batches.global_batch / max(wall, 1e-9),
+        samples_per_sec=step * batches.global_batch / max(wall - eval_seconds, 1e-9),
         wall_time_s=wall,
         message=message,
     )
