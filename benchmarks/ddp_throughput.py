@@ -8,17 +8,17 @@ training loop (start-up excluded):
     The real command line: ``python -m dtrain ...`` for one process, ``torchrun --standalone
     --nproc_per_node=N -m dtrain ...`` for N ranks. The figure is ``samples_per_sec`` from the run
     directory's ``metrics.json``: optimizer steps x global batch / wall time of ``fit``'s loop, which
-    starts after the model, DDP wrapper, optimizer and batches are built, and ends after the final
-    evaluation. Start-up (imports, Hydra, process group) is not counted.
+    starts after the model, DDP wrapper, optimizer and batches are built and leaves out the time spent
+    evaluating. Start-up (imports, Hydra, process group) is not counted.
 ``dataloader``
     The pytorch/examples way: ``TensorDataset`` + ``DataLoader`` + ``DistributedSampler``
     (``set_epoch`` every epoch), a DDP-wrapped ``nn.Sequential`` MLP of the same shape.
 ``in-memory``
     Tensors indexed by a per-epoch ``randperm`` (no DataLoader), DDP-wrapped when world size > 1.
 
-The hand-written loops time the same region as dtrain: from just before the first step to just after
-one evaluation of the validation split (dtrain is configured with ``trainer.eval_every`` equal to the
-number of steps, so it evaluates exactly once, at the last step). Every measurement runs in a fresh
+The hand-written loops time the same region as dtrain: from just before the first step to the end of
+training; the one evaluation that follows is not timed (dtrain is configured with ``trainer.eval_every``
+equal to the number of steps, so it evaluates exactly once, at the last step). Every measurement runs in a fresh
 process with ``OMP_NUM_THREADS=1`` (what torchrun gives each worker), repeats ``--repeats`` times
 interleaved, and the median is reported. A measurement is taken again if it fails or if other processes
 used the CPU while it ran (the script reports how often that happened).
