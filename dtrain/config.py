@@ -43,6 +43,19 @@ class MLPConfig:
     activation_checkpointing: bool = False
 
 
+@dataclass
+class GraphModelConfig:
+    """dtrain's own autodiff engine: the polynomial or the MLP built as an engine graph."""
+
+    name: str = "graph"
+    graph: str = "polynomial"  # polynomial | mlp
+    degree: int = 2  # polynomial
+    init: list[float] | None = None  # polynomial
+    init_scale: float = 1.0  # polynomial
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp
+    activation: str = "tanh"  # mlp: relu | tanh | sigmoid
+
+
 # ---------------------------------------------------------------------------------------------
 # data/
 
@@ -186,7 +199,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-MODELS: dict[str, type] = {"polynomial": PolynomialConfig, "mlp": MLPConfig}
+MODELS: dict[str, type] = {"polynomial": PolynomialConfig, "mlp": MLPConfig, "graph": GraphModelConfig}
 DATASETS: dict[str, type] = {
     "poly2d": Poly2dConfig,
     "poly1d": Poly1dConfig,
@@ -327,6 +340,17 @@ def check(config: Config) -> None:
         _one_of("model.activation", model.activation, ACTIVATIONS)
         _require(0.0 <= model.dropout < 1.0, f"model.dropout={model.dropout} must be in [0, 1)")
 
+    if isinstance(model, GraphModelConfig):
+        _one_of("model.graph", model.graph, ("polynomial", "mlp"))
+        _require(model.degree >= 1, f"model.degree={model.degree} must be at least 1")
+        _require(all(h >= 1 for h in model.hidden), f"model.hidden={model.hidden} must hold positive sizes")
+        _one_of("model.activation", model.activation, ("relu", "tanh", "sigmoid"))
+        _require(
+            trainer.precision in ("float32", "float64"),
+            f"trainer.precision={trainer.precision!r}: model=graph trains in float32 or float64",
+        )
+        _require(not trainer.compile, "trainer.compile=true does not apply to model=graph (it is not a torch graph)")
+
     _fraction("data.val_fraction", data.val_fraction)
     if isinstance(data, Poly2dConfig):
         _require(data.grid_size >= 2, f"data.grid_size={data.grid_size} must be at least 2")
@@ -410,6 +434,7 @@ __all__ = [
     "ConfigError",
     "DistConfig",
     "FileDataConfig",
+    "GraphModelConfig",
     "MLPConfig",
     "MoonsConfig",
     "OptimConfig",

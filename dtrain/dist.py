@@ -153,6 +153,22 @@ def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean_(tensors: list[torch.Tensor], env: DistEnv) -> None:
+    """Average ``tensors`` over ranks in place with one collective: flatten into a bucket, reduce, copy back.
+
+    One call a step rather than one per tensor: a collective's fixed cost dominates for small tensors.
+    """
+    if not env.distributed or not tensors:
+        return
+    bucket = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(bucket, op=dist.ReduceOp.SUM)
+    bucket /= env.world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(bucket[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def broadcast_str(value: str, env: DistEnv) -> str:
     """Rank 0's ``value`` on every rank."""
     if not env.distributed:

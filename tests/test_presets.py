@@ -9,10 +9,9 @@ import torch
 from dtrain.config import Poly2dConfig
 from dtrain.data.synthetic import poly2d
 from dtrain.models import Polynomial
+from tests.presets_util import NOISE_FLOOR
+from tests.presets_util import TRUE_COEFFICIENTS as TRUE
 from tests.tb import scalars
-
-TRUE = [1.5, -0.5, 0.0, -1.0, 2.0]
-NOISE_FLOOR = 0.2**2  # the MSE of the noise itself
 
 
 def coefficients(run) -> list[float]:

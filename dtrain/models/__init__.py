@@ -28,7 +28,23 @@ def _mlp(cfg: C.MLPConfig, data: DataSet) -> nn.Module:
     )
 
 
-BUILDERS: dict[str, Callable[..., nn.Module]] = {"polynomial": _polynomial, "mlp": _mlp}
+def _graph(cfg: C.GraphModelConfig, data: DataSet) -> nn.Module:
+    """The engine's version of ``cfg.graph``, initialised exactly as the torch model of the same seed."""
+    from dtrain.graph import builders
+    from dtrain.models.graph import GraphModel
+
+    if cfg.graph == "polynomial":
+        reference = _polynomial(C.PolynomialConfig(degree=cfg.degree, init=cfg.init, init_scale=cfg.init_scale), data)
+        coefficients = [c.detach().clone() for c in reference.coefficients()]
+        return GraphModel(builders.polynomial(coefficients, data.num_inputs, cfg.degree))
+    reference = _mlp(C.MLPConfig(hidden=cfg.hidden, activation=cfg.activation), data)
+    named = {name: p.detach().clone() for name, p in reference.named_parameters()}
+    layers = [(named[f"blocks.{i}.linear.weight"], named[f"blocks.{i}.linear.bias"]) for i in range(len(cfg.hidden))]
+    layers.append((named["head.weight"], named["head.bias"]))
+    return GraphModel(builders.mlp(layers, cfg.activation, data.task))
+
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {"polynomial": _polynomial, "mlp": _mlp, "graph": _graph}
 
 
 def build_model(cfg: object, data: DataSet) -> nn.Module:

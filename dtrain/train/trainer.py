@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dtrain.config import OptimConfig, ScheduleConfig, TrainerConfig
 from dtrain.data.dataset import DataSet, Split
 from dtrain.data.loader import ShardedBatches, shard_bounds
-from dtrain.dist import DistEnv, all_reduce_sum
+from dtrain.dist import DistEnv, all_reduce_mean_, all_reduce_sum
+from dtrain.models.graph import GraphModel
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.train.grads import clip_gradients, grad_norms
 from dtrain.train.logger import RunLogger
@@ -111,9 +112,12 @@ def fit(
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
 
-    # DDP all-reduces (averages) gradients during backward; one process needs no wrapper.
+    # Gradient sync: DDP all-reduces (averages) torch gradients during backward; the graph engine's
+    # gradients are invisible to DDP, so they are averaged after backward in one bucketed all-reduce.
+    # One process needs neither.
+    engine = isinstance(model, GraphModel)
     ddp_model: nn.Module = model
-    if env.distributed:
+    if env.distributed and not engine:
         ddp_model = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     forward_model = torch.compile(ddp_model) if trainer.compile else ddp_model
 
@@ -162,17 +166,25 @@ def fit(
     model.train()
     while step < total_steps and status == "completed":
         for micro_batches in batches.epoch(epoch):
-            for i, (x, y) in enumerate(micro_batches):
-                last_micro = i == len(micro_batches) - 1
-                # Gradients of the accumulating micro-batches stay local; the last one all-reduces.
-                sync = contextlib.nullcontext() if last_micro or not env.distributed else ddp_model.no_sync()
-                with sync:
-                    with autocast():
-                        loss = compute_loss(forward_model(x), y)
-                        if len(micro_batches) > 1:
-                            loss = loss / len(micro_batches)
-                    loss.backward()
-                loss_sum += loss.detach()
+            if engine:
+                # The engine computes loss and gradients itself; then one bucketed all-reduce.
+                scale = 1.0 / len(micro_batches)
+                for x, y in micro_batches:
+                    loss = model.loss_and_backward(x, y, scale)
+                    loss_sum += loss if scale == 1.0 else loss * scale
+                all_reduce_mean_([p.grad for p in params], env)
+            else:
+                for i, (x, y) in enumerate(micro_batches):
+                    last_micro = i == len(micro_batches) - 1
+                    # Gradients of the accumulating micro-batches stay local; the last one all-reduces.
+                    sync = contextlib.nullcontext() if last_micro or not env.distributed else ddp_model.no_sync()
+                    with sync:
+                        with autocast():
+                            loss = compute_loss(forward_model(x), y)
+                            if len(micro_batches) > 1:
+                                loss = loss / len(micro_batches)
+                        loss.backward()
+                    loss_sum += loss.detach()
             step += 1
             steps_since_log += 1
             log_now = step % trainer.log_every == 0 or step == total_steps
