@@ -137,8 +137,27 @@ def hydra_error_line(exc: BaseException) -> str:
     return text
 
 
+SUBCOMMANDS = ("gradcheck",)
+
+
+def run_subcommand(name: str, argv: list[str]) -> None:
+    """``dtrain gradcheck ...``: user errors as one line (exit 2), a failed check exits 1."""
+    from dtrain import check
+
+    try:
+        code = check.main(argv)
+    except (UserError, HydraException, OmegaConfBaseException) as exc:
+        if SHOW_TRACEBACKS:
+            raise
+        message = str(exc) if isinstance(exc, UserError) else hydra_error_line(exc)
+        fail(message, EXIT_USER_ERROR)
+    sys.exit(code)
+
+
 def main() -> None:
-    """Console-script entry: ``dtrain [hydra overrides]``."""
+    """Console-script entry: ``dtrain [hydra overrides]`` trains; ``dtrain gradcheck [...]`` checks gradients."""
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        run_subcommand(sys.argv[1], sys.argv[2:])
     # Let Hydra's own errors (unknown group option, unknown key, unparsable override) reach us, so
     # they are reported as one line like ours; HYDRA_FULL_ERROR=1 set by the user keeps tracebacks.
     # Errors raised while a job runs are bugs (user errors there are UserError) and keep their traceback.

@@ -18,21 +18,18 @@ ACTIVATIONS = {"relu": E.relu, "tanh": E.tanh, "sigmoid": E.sigmoid}
 
 @dataclass
 class Built:
-    """A model as two graphs sharing parameters: ``loss`` (inputs x, y) and ``prediction`` (input x)."""
+    """A model as two graphs sharing ``parameters`` (in creation order): ``loss`` (x, y) and ``prediction`` (x)."""
 
     loss: E.Graph
     prediction: E.Graph
-
-    @property
-    def parameters(self) -> list[E.Parameter]:
-        return self.loss.parameters
+    parameters: list[E.Parameter]
 
 
-def with_loss(prediction: E.Node, task: str) -> Built:
+def with_loss(prediction: E.Node, task: str, parameters: list[E.Parameter]) -> Built:
     """Attach the task's loss (mean squared error, or softmax cross-entropy) to ``prediction``."""
     y = E.Input("y")
     loss = E.cross_entropy(prediction, y) if task == "classification" else E.mse(prediction, y)
-    return Built(loss=E.Graph(loss), prediction=E.Graph(prediction))
+    return Built(loss=E.Graph(loss), prediction=E.Graph(prediction), parameters=parameters)
 
 
 def polynomial(coefficients: list[torch.Tensor], num_inputs: int, degree: int) -> Built:
@@ -54,7 +51,7 @@ def polynomial(coefficients: list[torch.Tensor], num_inputs: int, degree: int) -
     prediction: E.Node = c[-1]
     for term in terms:
         prediction = term + prediction
-    return with_loss(prediction, "regression")
+    return with_loss(prediction, "regression", c)
 
 
 def mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], activation: str, task: str) -> Built:
@@ -65,11 +62,13 @@ def mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], activation: str, task: 
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r}: the graph engine has {', '.join(ACTIVATIONS)}")
     h: E.Node = E.Input("x")
+    params: list[E.Parameter] = []
     for i, (weight, bias) in enumerate(layers):
         prefix = "head" if i == len(layers) - 1 else f"blocks.{i}.linear"
         w = E.Parameter(weight, f"{prefix}.weight")
         b = E.Parameter(bias, f"{prefix}.bias")
+        params += [w, b]
         h = h @ E.transpose(w) + b
         if i < len(layers) - 1:
             h = ACTIVATIONS[activation](h)
-    return with_loss(h, task)
+    return with_loss(h, task, params)

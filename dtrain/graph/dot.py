@@ -22,7 +22,7 @@ import torch
 from dtrain.graph.engine import Constant, Graph, Input, Node, Parameter
 
 # Operations whose result does not depend on the order of their operands: their edges need no position.
-COMMUTATIVE = frozenset({"add", "mul", "sub"})
+COMMUTATIVE = frozenset({"add", "mul"})
 
 # Node attributes by kind; operations get OP_STYLE. Shapes and fill colours keep the kinds apart.
 LEAF_STYLE = {
