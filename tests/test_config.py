@@ -26,7 +26,7 @@ def option_names(group: str) -> list[str]:
 
 
 def test_config_tree_has_the_promised_groups() -> None:
-    assert option_names("model") == ["mlp", "polynomial"]
+    assert option_names("model") == ["graph", "mlp", "polynomial"]
     assert option_names("data") == ["file", "moons", "poly1d", "poly2d", "sine"]
     assert option_names("optim") == ["adagrad", "adam", "adamw", "rmsprop", "sgd"]
     assert option_names("schedule") == ["constant", "cosine", "exp_decay", "step", "warmup_cosine"]
@@ -77,6 +77,9 @@ def test_warmup_cosine_is_cosine_with_warmup() -> None:
         (["data=poly1d", "data.degree=2", "data.coefficients=[1,2]"], "data.degree=2 needs 3"),
         (["optim.nesterov=true"], "optim.nesterov=true needs optim.momentum > 0"),
         (["dist.backend=mpi"], "dist.backend='mpi' is not one of: auto, nccl, gloo"),
+        (["model=graph", "model.graph=cnn"], "model.graph='cnn' is not one of: polynomial, mlp"),
+        (["model=graph", "trainer.precision=bf16-mixed"], "model=graph trains in float32 or float64"),
+        (["model=graph", "model.activation=gelu"], "model.activation='gelu' is not one of: relu, tanh, sigmoid"),
         (["optim=adam", "optim.lr=3e-4", "schedule=cosine", "schedule.min_lr=1e-3"], "schedule.min_lr=0.001 is above"),
         (["optim=adagrad", "optim.lr_decay=-1"], "optim.lr_decay=-1.0"),
         (["seed=-1"], "seed=-1 must be in [0, 2^63)"),
