@@ -21,6 +21,7 @@ from dtrain import dist
 from dtrain.config import Config, as_yaml, to_plain
 from dtrain.data import ShardedBatches, build_dataset
 from dtrain.models import build_model
+from dtrain.models.graph import GraphModel
 from dtrain.train.logger import RunLogger
 from dtrain.train.trainer import TrainResult, fit, param_dtype
 
@@ -106,6 +107,9 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
             write_atomic(run_dir / "metrics.json", metrics_json(summary).encode())
             if result.status == "completed":  # a diverged model's weights are not worth keeping
                 write_atomic(run_dir / "model.pt", _state_bytes(model))
+                if isinstance(model, GraphModel):  # the engine's graph, for Graphviz (docs/graph.md)
+                    batch = data.train.x[:64], data.train.y[:64]
+                    write_atomic(run_dir / "graph.dot", model.to_dot(*batch).encode())
         dist.barrier(env)
         return summary | {"_message": result.message, "_run_dir": str(run_dir)}
     finally:

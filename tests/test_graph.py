@@ -239,3 +239,15 @@ def test_gradient_descent_trajectory_equals_torch_autograd() -> None:
         torch_opt.step()
     for p in built.parameters:
         torch.testing.assert_close(p.tensor, getattr(torch_model, p.name).detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_misuse_is_refused_rather_than_silently_wrong() -> None:
+    a = G.Parameter(rand(3, 2), "a")
+    with pytest.raises(TypeError, match="ints, slices"):
+        a[[0, 0]]  # a repeated element would lose gradient
+    with pytest.raises(ValueError, match="2 or more dimensions"):
+        G.Graph(G.sum(a @ G.Constant(rand(2)))).forward()
+    with pytest.raises(ValueError, match="equal shapes"):
+        G.Graph(G.mse(a, G.Constant(rand(3)))).forward()
+    with pytest.raises(RuntimeError, match="forward"):
+        G.Graph(G.sum(a)).backward()

@@ -50,6 +50,8 @@ def test_graph_poly2d_recovers_the_coefficients_with_the_same_tags(dtrain_run) -
     params = run.params()
     for i, want in enumerate(TRUE_COEFFICIENTS):
         assert abs(float(params[f"c{i}"]) - want) <= 0.05
+    dot = (run.run_dir / "graph.dot").read_text()  # the engine's graph, after a pass: shapes and grad norms
+    assert dot.startswith("digraph") and "parameter c4" in dot and "|grad|" in dot
     tags = set(scalars(run.run_dir))
     assert {"train/loss", "lr", "grad_norm/total", "perf/samples_per_sec"} <= tags
     assert {f"grad_norm/c{i}" for i in range(5)} <= tags

@@ -11,6 +11,7 @@ tensor(2.5000)
 tensor([[5.]])
 """
 
+from dtrain.graph.dot import to_dot, write_dot
 from dtrain.graph.engine import (
     Constant,
     Graph,
@@ -70,7 +71,9 @@ __all__ = [
     "sub",
     "sum",
     "tanh",
+    "to_dot",
     "topological_order",
     "transpose",
     "unbroadcast",
+    "write_dot",
 ]

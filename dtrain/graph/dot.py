@@ -117,8 +117,6 @@ def to_dot(graph: Graph, title: str = "") -> str:
     if title:
         lines.append(f"  label={quote(title)};")
         lines.append('  labelloc="t";')
-    lines.append('  node [fontname="Helvetica", fontsize=10];')
-    lines.append('  edge [fontname="Helvetica", fontsize=9];')
     for node in graph.order:
         attrs = {"label": node_label(node), **node_style(node)}
         if node is graph.head:

@@ -173,6 +173,12 @@ def _pow_backward(g: Tensor, z: Tensor, a: Tensor, *, p: float) -> tuple[Tensor]
     return (g * p * _pow_forward(a, p=p - 1),)  # a^(p-1), not z / a: exact at a = 0
 
 
+def _matmul_forward(a: Tensor, b: Tensor) -> Tensor:
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(f"matmul needs operands of 2 or more dimensions, got {tuple(a.shape)} @ {tuple(b.shape)}")
+    return a @ b
+
+
 def _matmul_backward(g: Tensor, z: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return g @ b.transpose(-1, -2), a.transpose(-1, -2) @ g
 
@@ -184,6 +190,8 @@ def _index_backward(g: Tensor, z: Tensor, a: Tensor, *, index: Any) -> tuple[Ten
 
 
 def _mse_forward(pred: Tensor, target: Tensor, *, reduction: str) -> Tensor:
+    if pred.shape != target.shape:  # broadcasting [N, 1] against [N] would silently give [N, N]
+        raise ValueError(f"mse needs equal shapes, got {tuple(pred.shape)} and {tuple(target.shape)}")
     squared = (pred - target).square()
     return squared.mean() if reduction == "mean" else squared.sum()
 
@@ -219,7 +227,7 @@ LOG = Op("log", torch.log, lambda g, z, a: (g / a,))
 TANH = Op("tanh", torch.tanh, lambda g, z, a: (g * (1 - z * z),))
 SIGMOID = Op("sigmoid", torch.sigmoid, lambda g, z, a: (g * z * (1 - z),))
 RELU = Op("relu", torch.relu, lambda g, z, a: (g * (a > 0).to(g.dtype),))
-MATMUL = Op("matmul", torch.matmul, _matmul_backward)
+MATMUL = Op("matmul", _matmul_forward, _matmul_backward)
 TRANSPOSE = Op("transpose", lambda a: a.transpose(-1, -2), lambda g, z, a: (g.transpose(-1, -2),))
 INDEX = Op("index", lambda a, *, index: a[index], _index_backward)
 SUM = Op(
@@ -294,9 +302,14 @@ def transpose(a: Node) -> Node:
 
 
 def index(a: Node, index: Any) -> Node:
-    """Basic indexing and slicing (``a[:, 0:1]``); advanced (tensor) indices are not supported."""
-    if isinstance(index, Tensor) or (isinstance(index, tuple) and any(isinstance(i, Tensor) for i in index)):
-        raise TypeError("index() supports basic slicing only, not tensor indices")
+    """Basic indexing and slicing (``a[:, 0:1]``, ``a[2]``, ``a[..., None]``).
+
+    Only basic indices, which select each element at most once; lists and tensors could repeat an
+    element, and the backward rule (an assignment) would then drop gradient.
+    """
+    parts = index if isinstance(index, tuple) else (index,)
+    if not all(i is None or i is Ellipsis or isinstance(i, int | slice) for i in parts):
+        raise TypeError(f"index() takes ints, slices, None and ... only, not {index!r}")
     return apply(INDEX, a, index=index)
 
 
@@ -362,6 +375,7 @@ class Graph:
             raise KeyError(f"no value fed for input(s) {missing}")
         with torch.no_grad():
             for node in self.order:
+                node.grad = None  # gradients belong to the values of one pass
                 if isinstance(node, Input):
                     node.value = feed[node.name]
                 elif isinstance(node, (Parameter, Constant)):
@@ -377,6 +391,8 @@ class Graph:
         its consumers) before it is passed on. Parameter gradients accumulate into ``tensor.grad``.
         """
         head = self.head
+        if head.value is None:
+            raise RuntimeError("backward() needs a forward() first")
         if grad is None:
             if head.value.numel() != 1:
                 raise ValueError("backward() needs a gradient for a non-scalar head")

@@ -35,6 +35,16 @@ class GraphModel(nn.Module):
         """The prediction for ``x``, computed by the engine (no autograd graph is recorded)."""
         return self.built.prediction.forward(x=x)
 
+    def to_dot(self, x: torch.Tensor, y: torch.Tensor) -> str:
+        """Graphviz DOT of the loss graph after a forward and backward pass on (x, y), with values' shapes
+        and gradient norms; parameter gradients are left cleared."""
+        from dtrain.graph.dot import to_dot
+
+        self.loss_and_backward(x, y)
+        text = to_dot(self.built.loss, title="loss")
+        self.zero_grad(set_to_none=True)
+        return text
+
     def loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """The loss on (x, y); its gradient times ``scale`` is *added* to each ``parameter.grad``."""
         loss = self.built.loss.forward(x=x, y=y)
