@@ -159,7 +159,9 @@ def unbroadcast(grad: Tensor, shape: torch.Size) -> Tensor:
 
 def _expand_reduced(g: Tensor, shape: torch.Size, axis: int | None) -> Tensor:
     """Undo a reduction's shape: put the reduced axis back and broadcast ``g`` over it."""
-    return (g if axis is None else g.unsqueeze(axis)).expand(shape)
+    if axis is None or len(shape) == 0:  # torch lets a 0-d value be "reduced" along axis 0 or -1
+        return g.expand(shape)
+    return g.unsqueeze(axis).expand(shape)
 
 
 def _pow_forward(a: Tensor, *, p: float) -> Tensor:
@@ -204,10 +206,11 @@ def _mse_backward(g: Tensor, z: Tensor, pred: Tensor, target: Tensor, *, reducti
 
 
 def _cross_entropy_forward(logits: Tensor, labels: Tensor) -> Tensor:
-    # log-sum-exp with the max subtracted: no overflow for large logits.
-    top = logits.max(dim=1, keepdim=True).values
-    log_norm = top.squeeze(1) + (logits - top).exp().sum(dim=1).log()
-    return (log_norm - logits.gather(1, labels.unsqueeze(1)).squeeze(1)).mean()
+    # log-softmax of the label with the max subtracted first: no overflow for large logits, and no
+    # cancellation between two large numbers when the label's logit is the largest (a tiny loss).
+    shifted = logits - logits.max(dim=1, keepdim=True).values
+    log_norm = shifted.exp().sum(dim=1).log()
+    return (log_norm - shifted.gather(1, labels.unsqueeze(1)).squeeze(1)).mean()
 
 
 def _cross_entropy_backward(g: Tensor, z: Tensor, logits: Tensor, labels: Tensor) -> tuple[Tensor, None]:
