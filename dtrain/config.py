@@ -209,7 +209,7 @@ DATASETS: dict[str, type] = {
 }
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "exp_decay", "step", "cosine")
-ACTIVATIONS = ("relu", "tanh", "gelu", "silu")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "silu")
 PRECISIONS = ("float32", "float64", "bf16-mixed")
 
 

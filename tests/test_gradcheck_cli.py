@@ -25,6 +25,7 @@ def test_gradcheck_passes_through_the_console(tmp_path) -> None:
         ["model=mlp", "model.hidden=[4]", "model.layer_norm=true", "model.activation=gelu"],
         ["model=mlp", "model.hidden=[4]", "data=moons"],
         ["model=graph", "model.graph=mlp", "model.hidden=[4]", "data=moons", "model.activation=relu"],
+        ["model=graph", "model.graph=mlp", "model.hidden=[4]", "data=sine", "model.activation=sigmoid"],
     ],
 )
 def test_gradcheck_passes_for_correct_models(overrides: list[str], capsys) -> None:
