@@ -16,7 +16,7 @@ from torch import nn
 
 from dtrain.config import Config
 from dtrain.data import build_dataset
-from dtrain.graph.gradcheck import relative_error
+from dtrain.graph.gradcheck import central_differences, relative_error
 from dtrain.models import build_model
 from dtrain.models.graph import GraphModel
 from dtrain.train.objective import loss_fn
@@ -35,21 +35,7 @@ def analytic_grads(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor
 def numeric_grads(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, torch.Tensor]:
     """Central differences of the loss, one parameter element at a time."""
     compute = loss_fn(task)
-    grads: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            grad = torch.zeros_like(p)
-            flat, flat_grad = p.view(-1), grad.view(-1)
-            for i in range(flat.numel()):
-                original = flat[i].item()
-                flat[i] = original + eps
-                up = compute(model(x), y).item()
-                flat[i] = original - eps
-                down = compute(model(x), y).item()
-                flat[i] = original
-                flat_grad[i] = (up - down) / (2 * eps)
-            grads[name] = grad
-    return grads
+    return central_differences(model.named_parameters(), lambda: compute(model(x), y).item(), eps)
 
 
 def check_gradients(config: Config, samples: int, eps: float) -> dict[str, float]:
