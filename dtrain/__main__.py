@@ -4,12 +4,14 @@ Hydra composes the config from ``conf/`` and the command-line overrides; we chec
 schema, train, and turn the user's mistakes into one line on stderr and a non-zero exit.
 
 Exit status: 0 completed, 2 a bad config value or input (``dtrain: error: ...`` on stderr),
-3 training diverged, 1 anything else (a bug: full traceback). ``HYDRA_FULL_ERROR=1`` shows
-tracebacks for the user's mistakes too.
+3 training diverged, 4 a collective failed (another rank died or hangs), 75 stopped by SIGTERM or
+SIGUSR1 after saving a checkpoint (EX_TEMPFAIL: run it again to resume), 1 anything else (a bug:
+full traceback). ``HYDRA_FULL_ERROR=1`` shows tracebacks for the user's mistakes too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -25,10 +27,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dtrain import dist
 from dtrain.config import load, register_configs
-from dtrain.errors import RankLocalError, UserError
+from dtrain.errors import PeerFailure, RankLocalError, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_PEER_FAILURE = 4
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, the same command will succeed later
 # Read once, before main() sets the variable for Hydra: the user's own wish for tracebacks.
 SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
@@ -97,6 +101,8 @@ def _run_job(cfg: DictConfig) -> float:
 
         summary = train(config, Path(HydraConfig.get().runtime.output_dir))
     except UserError as exc:
+        if rank == 0:
+            remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
         if SHOW_TRACEBACKS:
             raise
         # Most errors are the same on every rank: say them once.
@@ -105,13 +111,13 @@ def _run_job(cfg: DictConfig) -> float:
             if not quiet:
                 print(f"dtrain: error: {exc}", file=sys.stderr, flush=True)
             return math.inf
-        fail(str(exc), EXIT_USER_ERROR, quiet=quiet)
+        fail(str(exc), EXIT_PEER_FAILURE if isinstance(exc, PeerFailure) else EXIT_USER_ERROR, quiet=quiet)
     log = logging.getLogger("dtrain")
-    if summary["status"] == "diverged":
+    if summary["status"] in ("diverged", "preempted"):
         if rank == 0:
             print(f"dtrain: {summary['_message']}", file=sys.stderr, flush=True)
         if not sweeping:
-            sys.exit(EXIT_DIVERGED)
+            sys.exit(EXIT_DIVERGED if summary["status"] == "diverged" else EXIT_PREEMPTED)
     elif rank == 0:
         shown = {k: v for k, v in summary.items() if not k.startswith(("_", "grad_norm/"))}
         log.info(
@@ -120,6 +126,12 @@ def _run_job(cfg: DictConfig) -> float:
         )
         log.info("view it: tensorboard --logdir %s", summary["_run_dir"])
     return objective(summary)
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove the run directory Hydra made for a run that failed before writing anything into it."""
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # fails, harmlessly, unless the directory is empty
 
 
 def hydra_error_line(exc: BaseException) -> str:
@@ -169,6 +181,13 @@ def main() -> None:
         if SHOW_TRACEBACKS or _TaskState.running:
             raise
         fail(hydra_error_line(exc), EXIT_USER_ERROR, quiet=dist.env_rank() != 0)
+    except OSError as exc:  # Hydra creates the run directory before the job starts
+        if SHOW_TRACEBACKS or _TaskState.running:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        reason = exc.strerror or str(exc)
+        message = f"cannot create the run directory{where}: {reason}; choose another with hydra.run.dir=..."
+        fail(message, EXIT_USER_ERROR, quiet=dist.env_rank() != 0)
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

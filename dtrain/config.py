@@ -178,12 +178,36 @@ class TrainerConfig:
     eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of each epoch
     compile: bool = False  # torch.compile the model
     progress: str = "auto"  # auto | bar | lines | off
+    on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
+    max_skipped_steps: int = 5  # on_nonfinite=skip: stop after this many skipped steps in a row
 
 
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl with CUDA, gloo otherwise) | nccl | gloo
-    timeout_s: float = 600.0
+    timeout_s: float = 600.0  # a collective that waits longer fails, naming the rank and the operation
+    checkpoint_timeout_s: float = 1800.0  # the same around saving and loading checkpoints (rank 0 writes)
+
+
+@dataclass
+class CheckpointConfig:
+    """Full training state under ``<run dir>/checkpoints``, written by rank 0 (docs/reliability.md)."""
+
+    every_n_steps: int = 500  # also saved at the end, and on preemption; 0 = only those
+    keep_last: int = 3  # older checkpoints are deleted
+    overwrite: bool = False  # resume=never in a run directory that holds checkpoints: allowed only with this
+    allow_changes: list[str] = field(default_factory=list)  # keys that may differ from the checkpoint's config
+    signal_check_every: int = 1  # steps between the ranks' agreement on a preemption signal
+
+
+@dataclass
+class FaultConfig:
+    """A fault injected on purpose, to test recovery. Off unless ``kind`` is set."""
+
+    kind: str = "none"  # none | kill (SIGKILL itself) | exit (exit status 1) | hang (stop answering) | nan (loss)
+    step: int = 1  # kill/exit/hang: once this many steps are done; nan: this step's loss
+    rank: int = 0  # the rank it happens on
+    attempts: str = "first"  # first: only before any torchrun restart | every: on every attempt
 
 
 @dataclass
@@ -197,6 +221,9 @@ class Config:
     schedule: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto: the run directory's latest checkpoint, if any | never | a path
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 MODELS: dict[str, type] = {"polynomial": PolynomialConfig, "mlp": MLPConfig, "graph": GraphModelConfig}
@@ -211,6 +238,23 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "exp_decay", "step", "cosine")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "silu")
 PRECISIONS = ("float32", "float64", "bf16-mixed")
+# What may differ between a checkpoint's config and the resuming run's, when checkpoint.allow_changes says so.
+# Whole sections mean any key in them. Everything else that shapes the trajectory (model, data, seed, batch
+# size, precision, optimizer kind) must match; settings that do not (logging, devices, timeouts) may always.
+CHANGEABLE_ON_RESUME = (
+    "world_size",
+    "optim.lr",
+    "optim.momentum",
+    "optim.weight_decay",
+    "optim.betas",
+    "optim.eps",
+    "schedule",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.clip_grad_norm",
+    "trainer.clip_grad_value",
+    "trainer.grad_accum_steps",
+)
 
 
 def register_configs() -> None:
@@ -251,6 +295,12 @@ def load(cfg: DictConfig) -> Config:
             sections[key] = _build(key, value, TrainerConfig)
         elif key == "dist":
             sections[key] = _build(key, value, DistConfig)
+        elif key == "checkpoint":
+            sections[key] = _build(key, value, CheckpointConfig)
+        elif key == "fault":
+            sections[key] = _build(key, value, FaultConfig)
+        elif key == "resume":
+            sections[key] = str(_typed("resume", value, str))
         elif key == "seed":
             sections[key] = _typed("seed", value, int)
         else:
@@ -415,8 +465,29 @@ def check(config: Config) -> None:
     _positive("trainer.eval_every", trainer.eval_every, allow_zero=True)
     _one_of("trainer.progress", trainer.progress, ("auto", "bar", "lines", "off"))
 
+    _one_of("trainer.on_nonfinite", trainer.on_nonfinite, ("stop", "skip"))
+    _positive("trainer.max_skipped_steps", trainer.max_skipped_steps)
+
     _one_of("dist.backend", config.dist.backend, ("auto", "nccl", "gloo"))
     _positive("dist.timeout_s", config.dist.timeout_s)
+    _positive("dist.checkpoint_timeout_s", config.dist.checkpoint_timeout_s)
+
+    ckpt = config.checkpoint
+    _positive("checkpoint.every_n_steps", ckpt.every_n_steps, allow_zero=True)
+    _positive("checkpoint.keep_last", ckpt.keep_last)
+    _positive("checkpoint.signal_check_every", ckpt.signal_check_every)
+    for key in ckpt.allow_changes:
+        _require(
+            key in CHANGEABLE_ON_RESUME,
+            f"checkpoint.allow_changes: {key!r} cannot change on resume; these can: {', '.join(CHANGEABLE_ON_RESUME)}",
+        )
+    _require(config.resume.strip() != "", "resume='' is empty; use auto, never, or a checkpoint path")
+
+    fault = config.fault
+    _one_of("fault.kind", fault.kind, ("none", "kill", "exit", "hang", "nan"))
+    _positive("fault.step", fault.step)
+    _positive("fault.rank", fault.rank, allow_zero=True)
+    _one_of("fault.attempts", fault.attempts, ("first", "every"))
 
 
 def to_plain(config: Config) -> dict[str, Any]:
@@ -430,9 +501,12 @@ def as_yaml(config: Config) -> str:
 
 
 __all__ = [
+    "CHANGEABLE_ON_RESUME",
+    "CheckpointConfig",
     "Config",
     "ConfigError",
     "DistConfig",
+    "FaultConfig",
     "FileDataConfig",
     "GraphModelConfig",
     "MLPConfig",

@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,10 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str | None  # None when world_size == 1 (no process group)
+    # Collectives on CPU tensors: the default group under gloo; a gloo group beside NCCL's.
+    cpu_group: Any = None
+    # Around checkpoints, where rank 0 writes while the others wait: a gloo group with a longer timeout.
+    checkpoint_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -113,8 +118,13 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def setup(device_choice: str, backend_choice: str, timeout_s: float) -> DistEnv:
-    """Read torchrun's environment, pick the device, and initialise the process group if world > 1."""
+def setup(device_choice: str, backend_choice: str, timeout_s: float, checkpoint_timeout_s: float) -> DistEnv:
+    """Read torchrun's environment, pick the device, and initialise the process group if world > 1.
+
+    Every collective fails after ``timeout_s`` (``checkpoint_timeout_s`` around checkpoints) instead of
+    waiting forever for a rank that died or hangs; with NCCL, asynchronous error handling tears the
+    process down on such a failure rather than leaving it stuck in a kernel.
+    """
     rank = env_rank()
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -126,12 +136,49 @@ def setup(device_choice: str, backend_choice: str, timeout_s: float) -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise UserError("dist.backend=nccl needs CUDA GPUs; use dist.backend=gloo (or auto) on CPU")
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    current_op("process-group initialisation (rendezvous of all ranks)", 0)
     dist.init_process_group(
         backend=backend,
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    checkpoint_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=checkpoint_timeout_s))
+    return DistEnv(rank, world_size, local_rank, device, backend, cpu_group, checkpoint_group)
+
+
+@dataclass
+class _Op:
+    name: str = "start-up"
+    step: int = 0
+
+
+_CURRENT_OP = _Op()
+
+
+def current_op(name: str | None = None, step: int | None = None) -> str:
+    """Record the collective this rank is about to enter (``name`` at ``step``); return the last one recorded.
+
+    Setting it costs two attribute writes, so the trainer does it before each collective; when one fails
+    (a peer died or hangs), the error names what this rank was waiting in.
+    """
+    if name is not None:
+        _CURRENT_OP.name = name
+    if step is not None:
+        _CURRENT_OP.step = step
+    return f"{_CURRENT_OP.name} at step {_CURRENT_OP.step}"
+
+
+def collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed: timed out, or lost a peer (gloo and NCCL errors)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("[gloo", "Gloo", "NCCL", "Timed out", "Connection closed by peer", "timed out")
+    )
 
 
 def teardown(env: DistEnv) -> None:
@@ -169,6 +216,28 @@ def all_reduce_mean_(tensors: list[torch.Tensor], env: DistEnv) -> None:
         offset += t.numel()
 
 
+def gather_to_main(value: Any, env: DistEnv) -> list[Any] | None:
+    """Every rank's ``value`` as a list on rank 0 (None elsewhere), on the checkpoint group."""
+    if not env.distributed:
+        return [value]
+    box: list[Any] | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(value, box, dst=0, group=env.checkpoint_group)
+    return box
+
+
+def first_error(error: str, env: DistEnv) -> str:
+    """The first rank's non-empty ``error`` (prefixed ``rank N:`` unless rank 0's), the same on every rank;
+    ``""`` if no rank has one. A collective: lets every rank stop together where one of them cannot go on."""
+    errors = [error]
+    if env.distributed:
+        errors = [""] * env.world_size
+        dist.all_gather_object(errors, error, group=env.checkpoint_group)
+    for rank, message in enumerate(errors):
+        if message:
+            return message if rank == 0 else f"rank {rank}: {message}"
+    return ""
+
+
 def broadcast_str(value: str, env: DistEnv) -> str:
     """Rank 0's ``value`` on every rank."""
     if not env.distributed:
@@ -178,6 +247,7 @@ def broadcast_str(value: str, env: DistEnv) -> str:
     return box[0]
 
 
-def barrier(env: DistEnv) -> None:
+def barrier(env: DistEnv, group: Any = None) -> None:
+    """Wait for every rank (on ``group``, by default the default group)."""
     if env.distributed:
-        dist.barrier()
+        dist.barrier(group=group)

@@ -14,3 +14,7 @@ class RankLocalError(UserError):
 
 class ConfigError(UserError):
     """A config value that is unknown, of the wrong type, or impossible."""
+
+
+class PeerFailure(RankLocalError):
+    """A collective failed on this rank: it timed out or lost a peer (another rank died or hangs)."""

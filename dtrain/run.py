@@ -10,24 +10,25 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dtrain import dist
+from dtrain import checkpoint, dist
+from dtrain.atomic import write_atomic
 from dtrain.config import Config, as_yaml, to_plain
 from dtrain.data import ShardedBatches, build_dataset
+from dtrain.errors import PeerFailure, UserError
+from dtrain.faults import Faults
 from dtrain.models import build_model
 from dtrain.models.graph import GraphModel
+from dtrain.preemption import Preemption
 from dtrain.train.logger import RunLogger
+from dtrain.train.state import Checkpointer, prepare_resume
 from dtrain.train.trainer import TrainResult, fit, param_dtype
 
 log = logging.getLogger("dtrain")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def agree_on_run_dir(local: Path, env: dist.DistEnv) -> Path:
@@ -44,21 +45,6 @@ def agree_on_run_dir(local: Path, env: dist.DistEnv) -> Path:
     return chosen
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def flat_hparams(config: Config) -> dict[str, Any]:
     """``section.key -> value`` for TensorBoard's HParams (lists and None become their ``str``)."""
     flat: dict[str, Any] = {}
@@ -73,47 +59,85 @@ def flat_hparams(config: Config) -> dict[str, Any]:
 
 def train(config: Config, run_dir: Path) -> dict[str, Any]:
     """Train as ``config`` says, write the results into ``run_dir`` (rank 0), and return the final metrics."""
-    env = dist.setup(config.trainer.device, config.dist.backend, config.dist.timeout_s)
+    timeouts = config.dist.timeout_s, config.dist.checkpoint_timeout_s
+    env = dist.setup(config.trainer.device, config.dist.backend, *timeouts)
     try:
-        run_dir = agree_on_run_dir(run_dir, env)
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
-        data = build_dataset(config.data, config.seed).to(env.device, param_dtype(config.trainer.precision))
-        model = build_model(config.model, data)
-        batches = ShardedBatches(
-            data.train,
-            config.trainer.batch_size,
-            env.rank,
-            env.world_size,
-            config.seed,
-            config.trainer.grad_accum_steps,
-        )
-        torch.manual_seed(config.seed + 1 + env.rank)  # per-rank stream for dropout
-
-        # Every check of the user's input has passed: only now is the run directory touched.
-        if env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(run_dir / "config.yaml", as_yaml(config).encode())
-            log.info("run directory: %s (world size %d, %s)", run_dir, env.world_size, env.device)
-
-        logger = RunLogger(run_dir, env.is_main, config.trainer.progress)
-        try:
-            logger.text("config", "```\n" + as_yaml(config) + "\n```")
-            result = fit(model, data, batches, config.trainer, config.optim, config.schedule, env, logger)
-            summary = results_summary(result, env.world_size)
-            logger.hparams(flat_hparams(config), {k: v for k, v in summary.items() if isinstance(v, float)})
-        finally:
-            logger.close()
-        if env.is_main:
-            write_atomic(run_dir / "metrics.json", metrics_json(summary).encode())
-            if result.status == "completed":  # a diverged model's weights are not worth keeping
-                write_atomic(run_dir / "model.pt", _state_bytes(model))
-                if isinstance(model, GraphModel):  # the engine's graph, for Graphviz (docs/graph.md)
-                    batch = data.train.x[:64], data.train.y[:64]
-                    write_atomic(run_dir / "graph.dot", model.to_dot(*batch).encode())
-        dist.barrier(env)
-        return summary | {"_message": result.message, "_run_dir": str(run_dir)}
+        return _train(config, run_dir, env)
+    except Exception as exc:
+        if env.distributed and dist.collective_failure(exc):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PeerFailure(
+                f"rank {env.rank}: {dist.current_op()} failed ({first}): another rank died or stopped answering "
+                f"(see its messages); if it is only slow, raise dist.timeout_s={config.dist.timeout_s:g}"
+            ) from exc
+        raise
     finally:
         dist.teardown(env)
+
+
+def _train(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
+    run_dir = agree_on_run_dir(run_dir, env)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    data = build_dataset(config.data, config.seed).to(env.device, param_dtype(config.trainer.precision))
+    model = build_model(config.model, data)
+    batches = ShardedBatches(
+        data.train,
+        config.trainer.batch_size,
+        env.rank,
+        env.world_size,
+        config.seed,
+        config.trainer.grad_accum_steps,
+    )
+    torch.manual_seed(config.seed + 1 + env.rank)  # per-rank stream for dropout
+    plain = to_plain(config)
+    resumed = prepare_resume(config.resume, run_dir, config.checkpoint, plain, env)
+
+    # Every check of the user's input has passed: only now is the run directory touched.
+    error = ""
+    if env.is_main:
+        try:
+            prepare_run_dir(run_dir, config, fresh=resumed is None)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            error = f"cannot write the run directory {run_dir}: {reason}; choose another with hydra.run.dir=..."
+    if error := dist.first_error(error, env):
+        raise UserError(error)
+    if env.is_main:
+        log.info("run directory: %s (world size %d, %s)", run_dir, env.world_size, env.device)
+
+    # A resumed run re-logs the steps after its checkpoint: TensorBoard drops the crashed attempt's copies.
+    purge_step = resumed.step + 1 if resumed else None
+    logger = RunLogger(run_dir, env.is_main, config.trainer.progress, purge_step=purge_step)
+    checkpointer = Checkpointer(run_dir, config.checkpoint, env, plain, resumed)
+    try:
+        if resumed is None:
+            logger.text("config", "```\n" + as_yaml(config) + "\n```")
+        with Preemption(env, config.checkpoint.signal_check_every) as preemption:
+            faults = Faults(config.fault, env.rank)
+            result = fit(model, data, batches, config, env, logger, checkpointer, faults, preemption)
+        summary = results_summary(result, env.world_size)
+        logger.hparams(flat_hparams(config), {k: v for k, v in summary.items() if isinstance(v, float)})
+    finally:
+        logger.close()
+    if env.is_main:
+        write_atomic(run_dir / "metrics.json", metrics_json(summary).encode())
+        if result.status == "completed":  # a diverged model's weights are not worth keeping
+            write_atomic(run_dir / "model.pt", _state_bytes(model))
+            if isinstance(model, GraphModel):  # the engine's graph, for Graphviz (docs/graph.md)
+                batch = data.train.x[:64], data.train.y[:64]
+                write_atomic(run_dir / "graph.dot", model.to_dot(*batch).encode())
+    dist.barrier(env)
+    return summary | {"_message": result.message, "_run_dir": str(run_dir)}
+
+
+def prepare_run_dir(run_dir: Path, config: Config, fresh: bool) -> None:
+    """Create the run directory (rank 0). A fresh run writes its config.yaml; ``resume=never`` with
+    ``checkpoint.overwrite=true`` deletes the earlier run's checkpoints. A resumed run keeps its config.yaml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.resume == "never" and config.checkpoint.overwrite:
+        checkpoint.remove_all(run_dir)
+    if fresh or not (run_dir / "config.yaml").exists():
+        write_atomic(run_dir / "config.yaml", as_yaml(config).encode())
 
 
 def results_summary(result: TrainResult, world_size: int) -> dict[str, Any]:

@@ -71,15 +71,16 @@ class ShardedBatches:
         self.grad_accum_steps = grad_accum_steps
         self.steps_per_epoch = num // batch
 
-    def epoch(self, epoch: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Yield, for each optimizer step of ``epoch``, this rank's ``grad_accum_steps`` micro-batches."""
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Yield, for each optimizer step of ``epoch`` from ``start_step`` on (a resumed run starts mid-epoch),
+        this rank's ``grad_accum_steps`` micro-batches."""
         # Full batch: every step sees all samples, so the order cannot matter to the mean; slice
         # contiguous views instead of gathering a shuffled copy of the whole set every step.
         full_batch = self.global_batch == len(self.split)
         if not full_batch:
             perm = epoch_permutation(len(self.split), self.seed, epoch).to(self.split.x.device, non_blocking=True)
         rank_batch = self.micro_batch * self.grad_accum_steps
-        for step in range(self.steps_per_epoch):
+        for step in range(start_step, self.steps_per_epoch):
             start = step * self.global_batch + self.rank * rank_batch
             micro = []
             for m in range(self.grad_accum_steps):

@@ -53,7 +53,7 @@ def _clock(seconds: float) -> str:
 class RunLogger:
     """TensorBoard scalars and hparams plus console progress; a silent no-op on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, enabled: bool, progress: str) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, progress: str, purge_step: int | None = None) -> None:
         self.enabled = enabled
         self.writer: Any = None
         self.bar: ProgressLine | None = None
@@ -62,7 +62,9 @@ class RunLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir))
+        # purge_step: TensorBoard hides the events at and after this step from earlier files (a resumed run
+        # logs those steps again).
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         if progress == "auto":
             progress = "bar" if sys.stdout.isatty() else "lines"
         self.progress = progress

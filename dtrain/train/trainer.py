@@ -19,15 +19,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dtrain.config import OptimConfig, ScheduleConfig, TrainerConfig
+from dtrain.config import Config, OptimConfig, TrainerConfig
 from dtrain.data.dataset import DataSet, Split
 from dtrain.data.loader import ShardedBatches, shard_bounds
-from dtrain.dist import DistEnv, all_reduce_mean_, all_reduce_sum
+from dtrain.dist import DistEnv, all_reduce_mean_, all_reduce_sum, current_op
+from dtrain.faults import Faults
 from dtrain.models.graph import GraphModel
 from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.preemption import Preemption
 from dtrain.train.grads import clip_gradients, grad_norms
 from dtrain.train.logger import RunLogger
 from dtrain.train.objective import loss_fn, metric_sums
+from dtrain.train.state import Checkpointer, Progress
 
 log = logging.getLogger("dtrain")
 
@@ -98,16 +101,19 @@ def fit(
     model: nn.Module,
     data: DataSet,
     batches: ShardedBatches,
-    trainer: TrainerConfig,
-    optim: OptimConfig,
-    schedule: ScheduleConfig,
+    config: Config,
     env: DistEnv,
     logger: RunLogger,
+    checkpointer: Checkpointer,
+    faults: Faults,
+    preemption: Preemption,
 ) -> TrainResult:
     """Train ``model`` on ``data`` (already on the device) in ``batches``; return how it ended.
 
-    ``model`` holds the trained weights afterwards.
+    ``model`` holds the trained weights afterwards. With ``checkpointer.resumed`` set, training continues
+    from that checkpoint's state exactly where it stopped.
     """
+    trainer, optim, schedule = config.trainer, config.optim, config.schedule
     model.to(env.device, param_dtype(trainer.precision))
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
@@ -126,7 +132,8 @@ def fit(
             return torch.autocast(device_type=env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    total_steps = batches.steps_per_epoch * trainer.max_epochs
+    steps_per_epoch = batches.steps_per_epoch
+    total_steps = steps_per_epoch * trainer.max_epochs
     if trainer.max_steps is not None:
         total_steps = min(total_steps, trainer.max_steps)
     optimizer = build_optimizer(params, optim)
@@ -134,133 +141,218 @@ def fit(
     # A constant rate without warmup never changes: skip stepping its scheduler.
     schedule_moves = schedule.name != "constant" or schedule.warmup > 0
     scheduler = build_scheduler(
-        optimizer, schedule, math.ceil(total_steps / batches.steps_per_epoch) if per_epoch else total_steps
+        optimizer, schedule, math.ceil(total_steps / steps_per_epoch) if per_epoch else total_steps
     )
     compute_loss = loss_fn(data.task)
 
-    step = 0
-    epoch = 0
-    evaluated_at = -1
-    metrics: dict[str, float] = {}
     # The loss accumulates on the device between logging steps: no host sync on ordinary steps. A
     # non-finite loss on any step makes the sum non-finite, so checking it at logging steps suffices.
     # Kept in the weights' dtype (float32 or float64): a dtype conversion every step costs measurably.
     loss_sum = torch.zeros((), dtype=param_dtype(trainer.precision), device=env.device)
-    steps_since_log = 0
-    started = last_log_time = time.perf_counter()
-    # Throughput counts training only: evaluation time is measured and left out.
-    eval_seconds = eval_since_log = 0.0
+    progress = Progress()
+    if checkpointer.resumed is not None:
+        progress = checkpointer.restore(model, optimizer, scheduler, optim, loss_sum)
     status, message = "completed", ""
+    began = time.perf_counter()
+    last_log_time = began
+    # Throughput counts training only: evaluation time is measured and left out.
+    eval_since_log = eval_seconds = 0.0
+    prior_train, prior_wall = progress.train_seconds, progress.wall_seconds
 
     def run_evaluation() -> None:
-        nonlocal evaluated_at, eval_seconds, eval_since_log
-        began = time.perf_counter()
+        nonlocal eval_since_log
+        started = time.perf_counter()
+        current_op("evaluation metrics all-reduce", progress.step)
         val = evaluate(model, data.val, data.task, env, autocast, chunk=batches.micro_batch)
-        took = time.perf_counter() - began  # evaluate() ends in a host sync, so this is its real cost
-        eval_seconds += took
-        eval_since_log += took
-        logger.scalars(step, val)
-        metrics.update(val)
-        evaluated_at = step
+        eval_since_log += time.perf_counter() - started  # evaluate() ends in a host sync: this is its real cost
+        logger.scalars(progress.step, val)
+        progress.metrics.update(val)
+        progress.evaluated_at = progress.step
 
+    def save_checkpoint() -> None:
+        now = time.perf_counter()
+        progress.wall_seconds = prior_wall + now - began
+        progress.train_seconds = prior_train + now - began - eval_total()
+        data_order = {"seed": batches.seed, "epoch": progress.epoch, "step_in_epoch": step_in_epoch()}
+        checkpointer.save(model, optimizer, scheduler, progress, loss_sum, data_order)
+
+    def eval_total() -> float:
+        return eval_seconds + eval_since_log
+
+    def step_in_epoch() -> int:
+        return progress.step - progress.epoch * steps_per_epoch
+
+    skip_policy = trainer.on_nonfinite == "skip"
     model.train()
-    while step < total_steps and status == "completed":
-        for micro_batches in batches.epoch(epoch):
-            if engine:
-                # The engine computes loss and gradients itself; then one bucketed all-reduce.
-                scale = 1.0 / len(micro_batches)
-                for x, y in micro_batches:
-                    loss = model.loss_and_backward(x, y, scale)
-                    loss_sum += loss if scale == 1.0 else loss * scale
-                all_reduce_mean_([p.grad for p in params], env)
-            else:
-                for i, (x, y) in enumerate(micro_batches):
-                    last_micro = i == len(micro_batches) - 1
-                    # Gradients of the accumulating micro-batches stay local; the last one all-reduces.
-                    sync = contextlib.nullcontext() if last_micro or not env.distributed else ddp_model.no_sync()
-                    with sync:
-                        with autocast():
-                            loss = compute_loss(forward_model(x), y)
-                            if len(micro_batches) > 1:
-                                loss = loss / len(micro_batches)
-                        loss.backward()
-                    loss_sum += loss.detach()
-            step += 1
-            steps_since_log += 1
-            log_now = step % trainer.log_every == 0 or step == total_steps
+    micro_iter = None
+    while progress.step < total_steps:
+        if micro_iter is None:
+            micro_iter = iter(batches.epoch(progress.epoch, start_step=step_in_epoch()))
+        micro_batches = next(micro_iter)
+        step = progress.step + 1  # the step being taken (1-based): what logs and checkpoints call it
+        poison = math.nan if faults.poisons(step) else 1.0
+        current_op("gradient all-reduce", step)
+        if engine:
+            # The engine computes loss and gradients itself; then one bucketed all-reduce.
+            scale = 1.0 / len(micro_batches)
+            step_loss = torch.zeros_like(loss_sum) if skip_policy else loss_sum
+            for x, y in micro_batches:
+                loss = model.loss_and_backward(x, y, scale * poison)
+                step_loss += loss * (scale * poison) if scale * poison != 1.0 else loss
+            all_reduce_mean_([p.grad for p in params], env)
+        else:
+            step_loss = torch.zeros_like(loss_sum) if skip_policy else loss_sum
+            for i, (x, y) in enumerate(micro_batches):
+                last_micro = i == len(micro_batches) - 1
+                # Gradients of the accumulating micro-batches stay local; the last one all-reduces.
+                sync = contextlib.nullcontext() if last_micro or not env.distributed else ddp_model.no_sync()
+                with sync:
+                    with autocast():
+                        loss = compute_loss(forward_model(x), y)
+                        if len(micro_batches) > 1 or poison != 1.0:
+                            loss = loss * (poison / len(micro_batches))
+                    loss.backward()
+                step_loss += loss.detach()
+        progress.step = step
+        progress.steps_since_log += 1
+        checkpoint_due = checkpointer.due(step, total_steps)
+        # Checkpoint steps are logging steps: their divergence check keeps a non-finite state out of a checkpoint.
+        log_now = step % trainer.log_every == 0 or step == total_steps or checkpoint_due
 
+        skipped = False
+        if skip_policy:
+            # The ranks agree on finiteness before the optimizer step (one collective and one host sync
+            # a step, the price of this policy), so all of them skip the same steps.
+            skipped = not all_finite(step_loss, params, env, step)
+            if skipped:
+                optimizer.zero_grad(set_to_none=True)
+                progress.skipped_in_a_row += 1
+                progress.skipped_steps += 1
+                log.warning("step %d: non-finite loss or gradient on some rank: step skipped", step)
+                if progress.skipped_in_a_row > trainer.max_skipped_steps:
+                    status = "diverged"
+                    message = (
+                        f"training diverged: {progress.skipped_in_a_row} steps in a row had a non-finite loss or "
+                        f"gradient, more than trainer.max_skipped_steps={trainer.max_skipped_steps} "
+                        f"(the last at step {step}); {divergence_hint(optim, trainer)}"
+                    )
+                    break
+            else:
+                progress.skipped_in_a_row = 0
+        if not skipped:
+            if skip_policy:
+                loss_sum += step_loss
+            progress.losses_since_log += 1
             if log_now:  # per-parameter norms before clipping, for the dashboard
                 norms, names = grad_norms(named_params)
             # A non-finite gradient under norm clipping turns the parameters, and so the next loss, non-finite.
             clip_gradients(params, trainer.clip_grad_value, trainer.clip_grad_norm)
-            step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, which is what we log
+        step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, which is what we log
+        if not skipped:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if schedule_moves and not per_epoch:
                 scheduler.step()
 
-            if log_now:
-                # One collective and one host sync for everything reduced across ranks. Gradient
-                # norms need no reduction: after DDP's all-reduce every rank holds the same gradients.
-                reduced = all_reduce_sum(torch.stack([loss_sum]), env)
-                host = torch.cat([reduced.double(), norms.to(reduced.device)]).tolist()
-                now = time.perf_counter()
-                train_seconds = now - last_log_time - eval_since_log
-                grad_total = math.sqrt(sum(v * v for v in host[1:]))
-                values = {
-                    "train/loss": host[0] / (steps_since_log * env.world_size),
-                    "lr": step_lr,
-                    "grad_norm/total": grad_total,
-                    **{f"grad_norm/{n}": v for n, v in zip(names, host[1:], strict=True)},
-                    "perf/samples_per_sec": steps_since_log * batches.global_batch / max(train_seconds, 1e-9),
-                }
-                logger.scalars(step, values)
-                logger.progress_update(step, total_steps, epoch + 1, values)
-                metrics.update(values)
-                if not (math.isfinite(host[0]) and math.isfinite(grad_total)):
-                    status = "diverged"
-                    message = divergence_message(step, values, optim, trainer)
-                    break
-                loss_sum.zero_()
-                steps_since_log = 0
-                last_log_time = now
-                eval_since_log = 0.0
-
-            if trainer.eval_every and step % trainer.eval_every == 0:
-                run_evaluation()
-            if step >= total_steps:
+        if log_now:
+            # One collective and one host sync for everything reduced across ranks. Gradient
+            # norms need no reduction: after the all-reduce every rank holds the same gradients.
+            current_op("metrics all-reduce", step)
+            reduced = all_reduce_sum(torch.stack([loss_sum]), env)
+            host = torch.cat([reduced.double(), *([] if skipped else [norms.to(reduced.device)])]).tolist()
+            now = time.perf_counter()
+            train_seconds = now - last_log_time - eval_since_log
+            values = {
+                "train/loss": host[0] / (max(progress.losses_since_log, 1) * env.world_size),
+                "lr": step_lr,
+                "perf/samples_per_sec": progress.steps_since_log * batches.global_batch / max(train_seconds, 1e-9),
+            }
+            if not skipped:
+                values["grad_norm/total"] = math.sqrt(sum(v * v for v in host[1:]))
+                values.update({f"grad_norm/{n}": v for n, v in zip(names, host[1:], strict=True)})
+            if progress.skipped_steps:
+                values["train/skipped_steps"] = float(progress.skipped_steps)
+            logger.scalars(step, values)
+            logger.progress_update(step, total_steps, progress.epoch + 1, values)
+            progress.metrics.update(values)
+            if not all(math.isfinite(values[k]) for k in ("train/loss", "grad_norm/total") if k in values):
+                status = "diverged"
+                message = divergence_message(step - progress.steps_since_log, step, values, optim, trainer)
                 break
+            loss_sum.zero_()
+            progress.steps_since_log = progress.losses_since_log = 0
+            last_log_time = now
+            eval_seconds += eval_since_log
+            eval_since_log = 0.0
 
-        if status == "completed" and step == (epoch + 1) * batches.steps_per_epoch:
+        if trainer.eval_every and step % trainer.eval_every == 0:
+            run_evaluation()
+        if step == (progress.epoch + 1) * steps_per_epoch:
             # A whole epoch ran: per-epoch schedules and end-of-epoch evaluation, but no more often
             # than every log_every steps (with one step an epoch, evaluating each epoch would sync each step).
             if schedule_moves and per_epoch:
                 scheduler.step()
-            if not trainer.eval_every and step - max(evaluated_at, 0) >= trainer.log_every:
+            if not trainer.eval_every and step - max(progress.evaluated_at, 0) >= trainer.log_every:
                 run_evaluation()
-        epoch += 1
+            progress.epoch += 1
+            micro_iter = None
 
-    if status == "completed" and evaluated_at != step:
-        run_evaluation()  # the run stopped between evaluations (max_steps): evaluate the final model
+        # A step boundary: everything of this step is done, so a checkpoint here resumes exactly.
+        if step == total_steps and progress.evaluated_at != step:
+            run_evaluation()  # the final model's metrics belong in the final checkpoint
+        if checkpoint_due:
+            save_checkpoint()
+        if preemption.agreed(step):
+            save_checkpoint()
+            status = "preempted"
+            message = (
+                f"stopped by {preemption.signal_name} after step {step}: checkpoint saved in "
+                f"{checkpointer.directory}; launch the same command (same run directory) to resume"
+            )
+            break
+        faults.after_step(step, lambda: preemption.received is not None)
 
-    wall = time.perf_counter() - started
+    if status == "completed" and progress.evaluated_at != progress.step:
+        run_evaluation()  # resumed from a checkpoint saved before the end's evaluation existed
+    now = time.perf_counter()
+    wall = prior_wall + now - began
+    train_seconds = prior_train + now - began - eval_total()
     return TrainResult(
         status=status,
-        steps=step,
-        metrics=metrics,
-        samples_per_sec=step * batches.global_batch / max(wall - eval_seconds, 1e-9),
+        steps=progress.step,
+        metrics=progress.metrics,
+        samples_per_sec=progress.step * batches.global_batch / max(train_seconds, 1e-9),
         wall_time_s=wall,
         message=message,
     )
 
 
-def divergence_message(step: int, values: dict[str, float], optim: OptimConfig, trainer: TrainerConfig) -> str:
-    """One line that says the run diverged, where, and what to try."""
+def all_finite(step_loss: torch.Tensor, params: list[nn.Parameter], env: DistEnv, step: int) -> bool:
+    """Whether this step's loss on every rank and the (all-reduced) gradients are finite: the same answer
+    on every rank, from one collective."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local = torch.stack([step_loss.detach().double().sum(), *(g.double().sum() for g in grads)]).sum()
+    bad = (~torch.isfinite(local)).to(torch.float64).reshape(1)
+    current_op("non-finite check all-reduce", step)
+    return all_reduce_sum(bad, env).item() == 0
+
+
+def divergence_hint(optim: OptimConfig, trainer: TrainerConfig) -> str:
+    """What to try when a run diverges."""
     hint = f"lower the learning rate (optim.lr={optim.lr:g})"
     if trainer.clip_grad_norm is None and trainer.clip_grad_value is None:
         hint += " or clip gradients (trainer.clip_grad_norm=1.0)"
+    return hint
+
+
+def divergence_message(
+    after: int, step: int, values: dict[str, float], optim: OptimConfig, trainer: TrainerConfig
+) -> str:
+    """One line that says the run diverged, where, and what to try."""
+    where = f"at step {step}" if after + 1 == step else f"between steps {after + 1} and {step}"
+    grad = values.get("grad_norm/total", math.nan)
     return (
-        f"training diverged: non-finite loss or gradient by step {step} "
-        f"(train/loss={values['train/loss']:.4g}, grad_norm/total={values['grad_norm/total']:.4g}); "
-        f"the step size is likely too large for this problem: {hint}"
+        f"training diverged: non-finite loss or gradient {where} "
+        f"(train/loss={values['train/loss']:.4g}, grad_norm/total={grad:.4g}); "
+        f"the step size is likely too large for this problem: {divergence_hint(optim, trainer)}"
     )

@@ -1,0 +1,63 @@
+"""Preemption: SIGTERM and SIGUSR1 ask the run to save a checkpoint and exit at the next step boundary.
+
+The handler only records the signal; the trainer polls :meth:`Preemption.agreed` at step boundaries,
+where all ranks combine their flags in one collective, so they stop at the same step even when the
+signal reached them at different times. SLURM sends SIGUSR1 before a time limit (``--signal=USR1@90``);
+torchrun's agent forwards SIGTERM to its workers and kills them 30 s later.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+import torch
+import torch.distributed as torch_dist
+
+from dtrain.dist import DistEnv, current_op
+
+log = logging.getLogger("dtrain")
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preemption:
+    """Installs the handlers while the run trains (a context manager) and answers whether to stop."""
+
+    def __init__(self, env: DistEnv, check_every: int) -> None:
+        self.env = env
+        self.check_every = check_every
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+
+    def agreed(self, step: int) -> bool:
+        """Whether any rank received a stop signal: the same answer on every rank (a collective every
+        ``check_every`` steps, on the CPU so it does not wait for the GPU's queue)."""
+        if step % self.check_every:
+            return False
+        if not self.env.distributed:
+            return self.received is not None
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
+        current_op("preemption-signal agreement", step)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self.env.cpu_group)
+        return bool(flag.item())
+
+    @property
+    def signal_name(self) -> str:
+        """The received signal's name (SIGTERM, SIGUSR1), or ``a peer rank's signal`` if only a peer got one."""
+        return signal.Signals(self.received).name if self.received is not None else "a peer rank's signal"
