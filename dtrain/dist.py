@@ -11,6 +11,7 @@ import gc
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,14 +140,73 @@ def setup(device_choice: str, backend_choice: str, timeout_s: float, checkpoint_
     if backend == "nccl":
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     current_op("process-group initialisation (rendezvous of all ranks)", 0)
-    dist.init_process_group(
-        backend=backend,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    device_id = device if device.type == "cuda" else None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        init_on_fresh_store(backend, rank, world_size, timeout, device_id)
+    else:  # outside torchrun, or an agent with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a new store per attempt
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
     checkpoint_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=checkpoint_timeout_s))
     return DistEnv(rank, world_size, local_rank, device, backend, cpu_group, checkpoint_group)
+
+
+_STORE_NOTICE = "dtrain/init_store"  # in torchrun's store: "<port> <nonce>" of this attempt's fresh store
+_STORE_NONCE = "dtrain/nonce"  # in the fresh store: proves a published address is this attempt's
+_PROBE_TIMEOUT = datetime.timedelta(seconds=2)  # per try to connect to a posted address
+_fresh_stores: list[Any] = []  # rank 0's store server must live as long as the process group
+
+
+def init_on_fresh_store(
+    backend: str, rank: int, world_size: int, timeout: datetime.timedelta, device_id: torch.device | None
+) -> None:
+    """``init_process_group`` on a store made for this attempt, not on torchrun's long-lived one.
+
+    Why: torchrun's agent keeps one rendezvous TCPStore for its whole life and, by default, hands it
+    to the workers of every attempt (``TORCHELASTIC_USE_AGENT_STORE=True``) with no per-attempt prefix.
+    gloo publishes each rank's address under the same keys every time, so after ``--max-restarts``
+    restarts a group a new worker can read a *dead* peer's address before the peer republishes it:
+    "Gloo connectFullMesh failed ... Connection refused", or a hang in waitUntilConnected. (Setting
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for the agent avoids it; this protects a plain ``torchrun``.)
+
+    How: global rank 0 starts a new TCPStore server on a free port and posts "<port> <nonce>" in the
+    agent's store; the others connect only to a server that answers and holds the posted nonce. A notice
+    left by an earlier attempt points at a server that died with that attempt's rank 0 (torchrun stops all
+    workers before it starts new ones), so it is refused and the reader waits for the new notice.
+    MASTER_ADDR is the host of the rendezvous' rank-0 node, where global rank 0 runs.
+    """
+    host = os.environ["MASTER_ADDR"]
+    deadline = time.monotonic() + timeout.total_seconds()
+    notice_board = dist.TCPStore(host, int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    if rank == 0:
+        store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+        _fresh_stores.append(store)
+        nonce = uuid.uuid4().hex
+        store.set(_STORE_NONCE, nonce)  # before the notice, so that a fresh notice is always valid
+        notice_board.set(_STORE_NOTICE, f"{store.port} {nonce}")
+    else:
+        store = None
+        while store is None:
+            if time.monotonic() > deadline:
+                raise dist.DistStoreError(f"rank {rank}: rank 0 posted no live store within {timeout}")
+            port, nonce = notice_board.get(_STORE_NOTICE).decode().split()  # waits for the first notice
+            try:
+                candidate = dist.TCPStore(host, int(port), is_master=False, timeout=_PROBE_TIMEOUT)
+                if candidate.check([_STORE_NONCE]) and candidate.get(_STORE_NONCE).decode() == nonce:
+                    candidate.set_timeout(timeout)
+                    store = candidate
+                    continue
+            except RuntimeError:  # DistNetworkError / DistStoreError: an earlier attempt's server is gone
+                pass
+            time.sleep(0.1)
+    dist.init_process_group(
+        backend=backend,
+        store=dist.PrefixStore("default_pg", store),  # the key layout env:// would use
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+        device_id=device_id,
+    )
 
 
 @dataclass

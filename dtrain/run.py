@@ -114,7 +114,8 @@ def _train(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
             logger.text("config", "```\n" + as_yaml(config) + "\n```")
         with Preemption(env, config.checkpoint.signal_check_every) as preemption:
             faults = Faults(config.fault, env.rank)
-            result = fit(model, data, batches, config, env, logger, checkpointer, faults, preemption)
+            sections = config.trainer, config.optim, config.schedule
+            result = fit(model, data, batches, *sections, env, logger, checkpointer, faults, preemption)
         summary = results_summary(result, env.world_size)
         logger.hparams(flat_hparams(config), {k: v for k, v in summary.items() if isinstance(v, float)})
     finally:

@@ -14,6 +14,21 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A small MLP on shuffled mini-batches (7 steps an epoch) with Adam and a cosine schedule, in float64: every
+# piece of state a resume must restore (data order, optimizer moments, schedule position) is exercised.
+RESUMABLE_RUN = (
+    "model=mlp",
+    "model.hidden=[16,16]",
+    "data=sine",
+    "data.num_points=400",
+    "optim=adam",
+    "optim.lr=1e-2",
+    "schedule=cosine",
+    "trainer.batch_size=32",
+    "trainer.precision=float64",
+)
+TIMING_METRICS = {"perf/samples_per_sec", "samples_per_sec", "wall_time_s"}
+
 
 @dataclass
 class Run:
@@ -28,6 +43,16 @@ class Run:
 
     def params(self) -> dict[str, torch.Tensor]:
         return torch.load(self.run_dir / "model.pt")
+
+    def assert_same_result(self, other: Run) -> None:
+        """Bitwise-equal final parameters and metrics (timings aside)."""
+        mine, theirs = self.params(), other.params()
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            assert torch.equal(mine[name], theirs[name]), name
+        a = {k: v for k, v in self.metrics.items() if k not in TIMING_METRICS}
+        b = {k: v for k, v in other.metrics.items() if k not in TIMING_METRICS}
+        assert a == b
 
 
 def cli_env() -> dict[str, str]:

@@ -12,37 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, Run, cli_env, run_dtrain
+from tests.conftest import REPO, RESUMABLE_RUN, Run, cli_env, run_dtrain
 from tests.tb import scalars
 
-# Shuffled mini-batches (7 steps an epoch), dropout, Adam and a cosine schedule in float64: every piece
-# of state a resume must restore (data order, RNG, optimizer moments, schedule position) is exercised.
+# RESUMABLE_RUN plus dropout, so the random generators' state matters too.
 MLP = (
-    "model=mlp",
-    "model.hidden=[16,16]",
+    *RESUMABLE_RUN,
     "model.dropout=0.1",
-    "data=sine",
-    "data.num_points=400",
-    "optim=adam",
-    "optim.lr=1e-2",
-    "schedule=cosine",
-    "trainer.batch_size=32",
     "trainer.max_epochs=3",
-    "trainer.precision=float64",
     "trainer.log_every=4",
     "checkpoint.every_n_steps=4",
 )
-TIMING = {"perf/samples_per_sec", "samples_per_sec", "wall_time_s"}
-
-
-def same_result(a: Run, b: Run) -> None:
-    """Bitwise-equal final parameters and metrics (timings aside)."""
-    pa, pb = a.params(), b.params()
-    assert pa.keys() == pb.keys()
-    for name in pa:
-        assert torch.equal(pa[name], pb[name]), name
-    ma, mb = a.metrics, b.metrics
-    assert {k: v for k, v in ma.items() if k not in TIMING} == {k: v for k, v in mb.items() if k not in TIMING}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +40,7 @@ def test_a_run_stopped_at_any_step_resumes_bitwise(tmp_path: Path, uninterrupted
     resumed = run_dtrain(tmp_path / "run", *MLP)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {tmp_path / 'run' / 'checkpoints'}" in resumed.stdout
-    same_result(resumed, uninterrupted)
+    resumed.assert_same_result(uninterrupted)
     # TensorBoard drops the crashed attempt's copies of the re-run steps: one value per step, as uninterrupted.
     assert scalars(resumed.run_dir)["train/loss"] == scalars(uninterrupted.run_dir)["train/loss"]
 
@@ -74,7 +54,7 @@ def test_the_graph_model_resumes_bitwise(tmp_path: Path) -> None:
     assert run_dtrain(tmp_path / "run", *common, "fault.kind=exit", "fault.step=7").returncode == 1
     resumed = run_dtrain(tmp_path / "run", *common)
     assert resumed.returncode == 0, resumed.stderr
-    same_result(resumed, whole)
+    resumed.assert_same_result(whole)
 
 
 def test_a_completed_run_does_not_train_again(tmp_path: Path, uninterrupted: Run) -> None:
@@ -82,7 +62,7 @@ def test_a_completed_run_does_not_train_again(tmp_path: Path, uninterrupted: Run
     again = run_dtrain(tmp_path / "run", *MLP)
     assert again.returncode == 0, again.stderr
     assert "at step 21" in again.stdout and "\nstep " not in again.stdout  # no training step logged
-    same_result(again, first)
+    again.assert_same_result(first)
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -107,7 +87,7 @@ def test_resume_from_a_path_continues_into_a_new_directory(tmp_path: Path, unint
     assert run_dtrain(tmp_path / "old", *MLP, "fault.kind=exit", "fault.step=9").returncode == 1
     resumed = run_dtrain(tmp_path / "new", *MLP, f"resume={tmp_path / 'old'}")
     assert resumed.returncode == 0, resumed.stderr
-    same_result(resumed, uninterrupted)
+    resumed.assert_same_result(uninterrupted)
 
 
 @pytest.fixture
@@ -193,4 +173,4 @@ def test_sigterm_saves_a_checkpoint_and_exits_75_then_resumes_exactly(tmp_path: 
     resumed = run_dtrain(run_dir, *long)
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {stopped_at}" in resumed.stdout
-    same_result(resumed, run_dtrain(tmp_path / "whole", *long))
+    resumed.assert_same_result(run_dtrain(tmp_path / "whole", *long))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dtrain.config import Config, OptimConfig, TrainerConfig
+from dtrain.config import OptimConfig, ScheduleConfig, TrainerConfig
 from dtrain.data.dataset import DataSet, Split
 from dtrain.data.loader import ShardedBatches, shard_bounds
 from dtrain.dist import DistEnv, all_reduce_mean_, all_reduce_sum, current_op
@@ -101,7 +101,9 @@ def fit(
     model: nn.Module,
     data: DataSet,
     batches: ShardedBatches,
-    config: Config,
+    trainer: TrainerConfig,
+    optim: OptimConfig,
+    schedule: ScheduleConfig,
     env: DistEnv,
     logger: RunLogger,
     checkpointer: Checkpointer,
@@ -113,7 +115,6 @@ def fit(
     ``model`` holds the trained weights afterwards. With ``checkpointer.resumed`` set, training continues
     from that checkpoint's state exactly where it stopped.
     """
-    trainer, optim, schedule = config.trainer, config.optim, config.schedule
     model.to(env.device, param_dtype(trainer.precision))
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named_params]
@@ -155,29 +156,31 @@ def fit(
     status, message = "completed", ""
     began = time.perf_counter()
     last_log_time = began
-    # Throughput counts training only: evaluation time is measured and left out.
-    eval_since_log = eval_seconds = 0.0
+    # Throughput counts training only: time spent evaluating and checkpointing is measured and left out.
+    aside_since_log = aside_seconds = 0.0
     prior_train, prior_wall = progress.train_seconds, progress.wall_seconds
 
     def run_evaluation() -> None:
-        nonlocal eval_since_log
+        nonlocal aside_since_log
         started = time.perf_counter()
         current_op("evaluation metrics all-reduce", progress.step)
         val = evaluate(model, data.val, data.task, env, autocast, chunk=batches.micro_batch)
-        eval_since_log += time.perf_counter() - started  # evaluate() ends in a host sync: this is its real cost
+        aside_since_log += time.perf_counter() - started  # evaluate() ends in a host sync: this is its real cost
         logger.scalars(progress.step, val)
         progress.metrics.update(val)
         progress.evaluated_at = progress.step
 
     def save_checkpoint() -> None:
-        now = time.perf_counter()
-        progress.wall_seconds = prior_wall + now - began
-        progress.train_seconds = prior_train + now - began - eval_total()
+        nonlocal aside_since_log
+        started = time.perf_counter()
+        progress.wall_seconds = prior_wall + started - began
+        progress.train_seconds = prior_train + started - began - aside_total()
         data_order = {"seed": batches.seed, "epoch": progress.epoch, "step_in_epoch": step_in_epoch()}
         checkpointer.save(model, optimizer, scheduler, progress, loss_sum, data_order)
+        aside_since_log += time.perf_counter() - started
 
-    def eval_total() -> float:
-        return eval_seconds + eval_since_log
+    def aside_total() -> float:
+        return aside_seconds + aside_since_log
 
     def step_in_epoch() -> int:
         return progress.step - progress.epoch * steps_per_epoch
@@ -261,7 +264,7 @@ def fit(
             reduced = all_reduce_sum(torch.stack([loss_sum]), env)
             host = torch.cat([reduced.double(), *([] if skipped else [norms.to(reduced.device)])]).tolist()
             now = time.perf_counter()
-            train_seconds = now - last_log_time - eval_since_log
+            train_seconds = now - last_log_time - aside_since_log
             values = {
                 "train/loss": host[0] / (max(progress.losses_since_log, 1) * env.world_size),
                 "lr": step_lr,
@@ -282,8 +285,8 @@ def fit(
             loss_sum.zero_()
             progress.steps_since_log = progress.losses_since_log = 0
             last_log_time = now
-            eval_seconds += eval_since_log
-            eval_since_log = 0.0
+            aside_seconds += aside_since_log
+            aside_since_log = 0.0
 
         if trainer.eval_every and step % trainer.eval_every == 0:
             run_evaluation()
@@ -316,7 +319,7 @@ def fit(
         run_evaluation()  # resumed from a checkpoint saved before the end's evaluation existed
     now = time.perf_counter()
     wall = prior_wall + now - began
-    train_seconds = prior_train + now - began - eval_total()
+    train_seconds = prior_train + now - began - aside_total()
     return TrainResult(
         status=status,
         steps=progress.step,
