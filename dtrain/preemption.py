@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -30,6 +31,7 @@ class Preemption:
         self.check_every = check_every
         self.received: int | None = None
         self._previous: dict[int, object] = {}
+        self._pending: tuple[Any, torch.Tensor] | None = None  # (work, flag) of the last check
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
@@ -46,16 +48,35 @@ class Preemption:
         self.received = signum
 
     def agreed(self, step: int) -> bool:
-        """Whether any rank received a stop signal: the same answer on every rank (a collective every
-        ``check_every`` steps, on the CPU so it does not wait for the GPU's queue)."""
+        """Whether any rank received a stop signal: the same answer on every rank.
+
+        Every ``check_every`` steps each rank starts a one-element all-reduce (MAX) of its flag on a CPU
+        gloo group, asynchronously, and reads the one it started at the previous check: the ranks decide
+        one check later than they could, but nobody waits for the round trip, and it never waits for the
+        GPU's queue. All ranks start and read the same collectives, so they stop at the same step.
+        """
         if step % self.check_every:
             return False
         if not self.env.distributed:
             return self.received is not None
-        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
-        current_op("preemption-signal agreement", step)
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self.env.cpu_group)
-        return bool(flag.item())
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            current_op("preemption-signal agreement", step)
+            work.wait()
+            stop = bool(flag.item())
+            self._pending = None
+        if not stop:
+            flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
+            work = torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self.env.cpu_group, async_op=True)
+            self._pending = (work, flag)
+        return stop
+
+    def finish(self) -> None:
+        """Wait for the agreement still in flight (every rank started it), before the group goes away."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
     @property
     def signal_name(self) -> str:

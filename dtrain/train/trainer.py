@@ -317,6 +317,7 @@ def fit(
 
     if status == "completed" and progress.evaluated_at != progress.step:
         run_evaluation()  # resumed from a checkpoint saved before the end's evaluation existed
+    preemption.finish()
     now = time.perf_counter()
     wall = prior_wall + now - began
     train_seconds = prior_train + now - began - aside_total()
