@@ -115,6 +115,37 @@ def test_a_fault_injected_inside_is_restarted_and_resumes_bitwise(tmp_path: Path
     same_params(Run(0, proc.stdout, proc.stderr, tmp_path), uninterrupted)
 
 
+def test_a_worker_that_dies_after_the_final_checkpoint_does_not_train_again(tmp_path: Path, uninterrupted: Run) -> None:
+    fault = ("fault.kind=kill", "fault.rank=0", "fault.step=420")  # after the last step and its checkpoint
+    proc = subprocess.run(
+        torchrun(f"hydra.run.dir={tmp_path}", *RUN, *fault, restarts=1),
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after_restart = proc.stdout.split("resumed from")[1]
+    assert "at step 420" in after_restart and "\nstep " not in after_restart  # nothing trained again
+    same_params(Run(0, proc.stdout, proc.stderr, tmp_path), uninterrupted)
+
+
+def test_a_checkpoint_resumes_on_another_world_size_only_when_allowed(tmp_path: Path, uninterrupted: Run) -> None:
+    crashed = run_dtrain(tmp_path, *RUN, "fault.kind=exit", "fault.step=50", nproc=2)
+    assert crashed.returncode != 0
+    refused = run_dtrain(tmp_path, *RUN)
+    assert refused.returncode == 2
+    assert "world_size was 2, now 1" in refused.stderr and "allow_changes=[world_size]" in refused.stderr
+    resumed = run_dtrain(tmp_path, *RUN, "checkpoint.allow_changes=[world_size]")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 40 (changed: world_size)" in resumed.stdout
+    # The same global batches in the same order: equal to the 2-rank run up to float64 rounding.
+    ours, theirs = resumed.params(), uninterrupted.params()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-10, atol=1e-12)
+
+
 def test_a_fault_on_every_attempt_exhausts_the_restarts_and_names_the_rank(tmp_path: Path) -> None:
     args = (
         f"hydra.run.dir={tmp_path}",

@@ -146,7 +146,8 @@ def test_stop_policy_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     assert not (run.run_dir / "model.pt").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_75_then_resumes_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])  # SLURM sends SIGUSR1 before a time limit
+def test_a_stop_signal_saves_a_checkpoint_and_exits_75_then_resumes_exactly(tmp_path: Path, signum: int) -> None:
     # 700 steps (a few seconds): the signal, sent at the first logging step, arrives long before the end.
     long = (*MLP, "trainer.max_epochs=100", "checkpoint.every_n_steps=250")
     run_dir = tmp_path / "run"
@@ -161,11 +162,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_75_then_resumes_exactly(tmp_path: 
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.startswith("step "):
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
-    assert "stopped by SIGTERM after step" in err and "launch the same command" in err
+    assert f"stopped by {signal.Signals(signum).name} after step" in err and "launch the same command" in err
     assert not (run_dir / "model.pt").exists()
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "preempted"
     stopped_at = json.loads((run_dir / "checkpoints" / "latest").read_text())["step"]
