@@ -119,12 +119,9 @@ def _run_job(cfg: DictConfig) -> float:
         if not sweeping:
             sys.exit(EXIT_DIVERGED if summary["status"] == "diverged" else EXIT_PREEMPTED)
     elif rank == 0:
-        shown = {k: v for k, v in summary.items() if not k.startswith(("_", "grad_norm/"))}
-        log.info(
-            "done: %s",
-            ", ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()),
-        )
-        log.info("view it: tensorboard --logdir %s", summary["_run_dir"])
+        from dtrain.train.logger import summary_table
+
+        log.info("%s", summary_table(summary, summary["_run_dir"]))
     return objective(summary)
 
 

@@ -178,6 +178,8 @@ class TrainerConfig:
     eval_every: int = 0  # optimizer steps between evaluations; 0 = at the end of each epoch
     compile: bool = False  # torch.compile the model
     progress: str = "auto"  # auto | bar | lines | off
+    histogram_every: int = 0  # steps between weight and gradient histograms (at logging steps); 0 = none
+    figures: bool = True  # the model's picture (surface, extrapolation, decision boundary) at each evaluation
     on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     max_skipped_steps: int = 5  # on_nonfinite=skip: stop after this many skipped steps in a row
 
@@ -464,6 +466,7 @@ def check(config: Config) -> None:
     _positive("trainer.log_every", trainer.log_every)
     _positive("trainer.eval_every", trainer.eval_every, allow_zero=True)
     _one_of("trainer.progress", trainer.progress, ("auto", "bar", "lines", "off"))
+    _positive("trainer.histogram_every", trainer.histogram_every, allow_zero=True)
 
     _one_of("trainer.on_nonfinite", trainer.on_nonfinite, ("stop", "skip"))
     _positive("trainer.max_skipped_steps", trainer.max_skipped_steps)

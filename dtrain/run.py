@@ -24,7 +24,7 @@ from dtrain.faults import Faults
 from dtrain.models import build_model
 from dtrain.models.graph import GraphModel
 from dtrain.preemption import Preemption
-from dtrain.train.logger import RunLogger
+from dtrain.train.logger import RunLogger, log_to_rank_file
 from dtrain.train.state import Checkpointer, prepare_resume
 from dtrain.train.trainer import TrainResult, fit, param_dtype
 
@@ -104,6 +104,9 @@ def _train(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
         raise UserError(error)
     if env.is_main:
         log.info("run directory: %s (world size %d, %s)", run_dir, env.world_size, env.device)
+    else:
+        log_to_rank_file(run_dir, env.rank)
+        log.info("rank %d of %d on %s, run directory %s", env.rank, env.world_size, env.device, run_dir)
 
     # A resumed run re-logs the steps after its checkpoint: TensorBoard drops the crashed attempt's copies.
     purge_step = resumed.step + 1 if resumed else None
@@ -117,7 +120,7 @@ def _train(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
             sections = config.trainer, config.optim, config.schedule
             result = fit(model, data, batches, *sections, env, logger, checkpointer, faults, preemption)
         summary = results_summary(result, env.world_size)
-        logger.hparams(flat_hparams(config), {k: v for k, v in summary.items() if isinstance(v, float)})
+        logger.hparams(flat_hparams(config), hparam_metrics(summary))
     finally:
         logger.close()
     if env.is_main:
@@ -139,6 +142,16 @@ def prepare_run_dir(run_dir: Path, config: Config, fresh: bool) -> None:
         checkpoint.remove_all(run_dir)
     if fresh or not (run_dir / "config.yaml").exists():
         write_atomic(run_dir / "config.yaml", as_yaml(config).encode())
+
+
+def hparam_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The final metrics the HParams dashboard compares runs by: losses, accuracies, throughput, time."""
+    keep = ("train/", "val/")
+    return {
+        k: v
+        for k, v in summary.items()
+        if isinstance(v, float) and (k.startswith(keep) or k in ("samples_per_sec", "wall_time_s"))
+    }
 
 
 def results_summary(result: TrainResult, world_size: int) -> dict[str, Any]:

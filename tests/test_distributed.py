@@ -58,8 +58,10 @@ def test_only_rank_zero_writes_and_ranks_share_one_run_dir(tmp_path) -> None:
     pids = {p.name.split(".")[-2] for p in run_dir.glob("events.out.tfevents*")}
     assert len(pids) == 1
     assert "train/loss" in scalars(run_dir)
-    # Only rank 0 logs progress lines.
+    # Only rank 0 logs progress lines; rank 1 logs to its own file in the run directory.
     assert proc.stdout.count("done:") == 1
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == ["rank1.log"]
+    assert "rank 1 of 2 on cpu" in (run_dir / "logs" / "rank1.log").read_text()
 
 
 def test_bad_config_under_torchrun_is_one_line_per_job(tmp_path) -> None:

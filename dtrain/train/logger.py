@@ -75,6 +75,22 @@ class RunLogger:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, global_step=step)
 
+    def histogram(self, tag: str, values: Any, step: int) -> None:
+        """A histogram of a tensor's values (weights, gradients)."""
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values.detach().float().cpu(), global_step=step)
+
+    def custom_scalars(self, layout: dict[str, dict[str, list]]) -> None:
+        """TensorBoard's custom-scalars layout (charts that combine tags), written once per run."""
+        if self.writer is not None:
+            self.writer.add_custom_scalars(layout)
+
+    def figures(self, step: int, figures: dict[str, Any]) -> None:
+        """matplotlib figures as images (TensorBoard's Images tab)."""
+        if self.writer is not None:
+            for tag, figure in figures.items():
+                self.writer.add_figure(tag, figure, global_step=step, close=True)
+
     def text(self, tag: str, text: str) -> None:
         if self.writer is not None:
             self.writer.add_text(tag, text)
@@ -94,7 +110,8 @@ class RunLogger:
                 self.bar = ProgressLine(total_steps, sys.stdout)
             self.bar.update(step, epoch, values)
         elif self.progress == "lines":
-            shown = {k: v for k, v in values.items() if not k.startswith("grad_norm/") or k == "grad_norm/total"}
+            detail = ("grad_norm/", "update_ratio/", "param/")  # per-parameter: for TensorBoard, too long here
+            shown = {k: v for k, v in values.items() if not k.startswith(detail) or k == "grad_norm/total"}
             log.info("step %d epoch %d %s", step, epoch, " ".join(f"{k}={v:.5g}" for k, v in shown.items()))
 
     def close(self) -> None:
@@ -102,3 +119,36 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+SUMMARY_PREFIXES = ("train/", "val/")  # the metrics of the final table, besides lr and the total gradient norm
+
+
+def summary_table(summary: dict[str, Any], run_dir: str) -> str:
+    """The end-of-run table: how it ended, the final metrics, and where to look next."""
+    head = (
+        f"done: {summary['status']}, {summary['steps']} steps in {summary['wall_time_s']:.3g} s "
+        f"({summary['samples_per_sec']:,.0f} samples/s, world size {summary['world_size']})"
+    )
+    rows = [
+        (k, v)
+        for k, v in summary.items()
+        if isinstance(v, float) and (k.startswith(SUMMARY_PREFIXES) or k in ("lr", "grad_norm/total"))
+    ]
+    width = max([len(k) for k, _ in rows] + [len("tensorboard")])
+    lines = [head, *(f"  {k:<{width}}  {v:.6g}" for k, v in rows)]
+    lines += [f"  {'run directory':<{width}}  {run_dir}", f"  {'tensorboard':<{width}}  tensorboard --logdir {run_dir}"]
+    return "\n".join(lines)
+
+
+def log_to_rank_file(run_dir: Path, rank: int) -> None:
+    """Ranks other than 0 also log (at INFO) to ``<run dir>/logs/rank<N>.log``; stderr keeps their warnings."""
+    directory = run_dir / "logs"
+    directory.mkdir(exist_ok=True)
+    handler = logging.FileHandler(directory / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"))
+    logger = logging.getLogger("dtrain")
+    for existing in logger.handlers:
+        existing.setLevel(max(existing.level, logging.WARNING))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

@@ -144,7 +144,7 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         progress: Progress,
-        loss_sum: torch.Tensor,
+        sums: dict[str, torch.Tensor],
         data_order: dict[str, int],
     ) -> None:
         """Save the state after ``progress.step`` (a collective: call it on every rank)."""
@@ -163,7 +163,7 @@ class Checkpointer:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "progress": dataclasses.asdict(progress),
-                "loss_sum": loss_sum.detach().cpu(),
+                "sums": {name: t.detach().cpu() for name, t in sums.items()},  # accumulated since the last log
                 "rng": rngs,
                 "data_order": data_order,
                 "grad_scaler": None,  # dtrain trains in float32/float64 or bf16 autocast: nothing to scale
@@ -189,7 +189,7 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LambdaLR,
         optim_cfg: OptimConfig,
-        loss_sum: torch.Tensor,
+        sums: dict[str, torch.Tensor],
     ) -> Progress:
         """Load the resumed state into the freshly built objects; return the progress to continue from."""
         assert self.resumed is not None
@@ -202,7 +202,8 @@ class Checkpointer:
         if env.rank < len(rngs):
             checkpoint.set_rng_state(rngs[env.rank], env.device)
         # else: a rank the saved run did not have (checkpoint.allow_changes=[world_size]) keeps its fresh seed
-        loss_sum.copy_(state["loss_sum"])
+        for name, tensor in sums.items():
+            tensor.copy_(state["sums"][name])
         progress = Progress(**state["progress"])
         note = f" (changed: {', '.join(changes)})" if changes else ""
         log.info("resumed from %s at step %d%s", self.resumed.found.path, progress.step, note)

@@ -27,8 +27,8 @@ from dtrain.faults import Faults
 from dtrain.models.graph import GraphModel
 from dtrain.optim import build_optimizer, build_scheduler
 from dtrain.preemption import Preemption
-from dtrain.train.grads import clip_gradients, grad_norms
 from dtrain.train.logger import RunLogger
+from dtrain.train.monitor import StepMonitor, custom_scalars_layout
 from dtrain.train.objective import loss_fn, metric_sums
 from dtrain.train.state import Checkpointer, Progress
 
@@ -150,9 +150,14 @@ def fit(
     # non-finite loss on any step makes the sum non-finite, so checking it at logging steps suffices.
     # Kept in the weights' dtype (float32 or float64): a dtype conversion every step costs measurably.
     loss_sum = torch.zeros((), dtype=param_dtype(trainer.precision), device=env.device)
+    monitor = StepMonitor(
+        named_params, trainer.clip_grad_value, trainer.clip_grad_norm, trainer.histogram_every, logger, env.device
+    )
+    logger.custom_scalars(custom_scalars_layout(monitor, bool(data.val), env.device.type == "cuda"))
+    sums = {"loss": loss_sum, "clipped": monitor.clipped}  # accumulated between logging steps
     progress = Progress()
     if checkpointer.resumed is not None:
-        progress = checkpointer.restore(model, optimizer, scheduler, optim, loss_sum)
+        progress = checkpointer.restore(model, optimizer, scheduler, optim, sums)
     status, message = "completed", ""
     began = time.perf_counter()
     last_log_time = began
@@ -176,7 +181,7 @@ def fit(
         progress.wall_seconds = prior_wall + started - began
         progress.train_seconds = prior_train + started - began - aside_total()
         data_order = {"seed": batches.seed, "epoch": progress.epoch, "step_in_epoch": step_in_epoch()}
-        checkpointer.save(model, optimizer, scheduler, progress, loss_sum, data_order)
+        checkpointer.save(model, optimizer, scheduler, progress, sums, data_order)
         aside_since_log += time.perf_counter() - started
 
     def aside_total() -> float:
@@ -246,10 +251,9 @@ def fit(
             if skip_policy:
                 loss_sum += step_loss
             progress.losses_since_log += 1
-            if log_now:  # per-parameter norms before clipping, for the dashboard
-                norms, names = grad_norms(named_params)
-            # A non-finite gradient under norm clipping turns the parameters, and so the next loss, non-finite.
-            clip_gradients(params, trainer.clip_grad_value, trainer.clip_grad_norm)
+            # Norms before clipping (at logging steps), then clipping. A non-finite gradient under norm
+            # clipping turns the parameters, and so the next loss, non-finite.
+            monitor.clip(step, log_now)
         step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, which is what we log
         if not skipped:
             optimizer.step()
@@ -262,17 +266,25 @@ def fit(
             # norms need no reduction: after the all-reduce every rank holds the same gradients.
             current_op("metrics all-reduce", step)
             reduced = all_reduce_sum(torch.stack([loss_sum]), env)
-            host = torch.cat([reduced.double(), *([] if skipped else [norms.to(reduced.device)])]).tolist()
+            stats, tags = monitor.device_values() if not skipped else (reduced.new_zeros(0), [])
+            host = torch.cat([reduced.double(), stats.to(reduced.device)]).tolist()
             now = time.perf_counter()
             train_seconds = now - last_log_time - aside_since_log
             values = {
                 "train/loss": host[0] / (max(progress.losses_since_log, 1) * env.world_size),
                 "lr": step_lr,
                 "perf/samples_per_sec": progress.steps_since_log * batches.global_batch / max(train_seconds, 1e-9),
+                "perf/step_time_ms": 1e3 * train_seconds / progress.steps_since_log,
             }
-            if not skipped:
-                values["grad_norm/total"] = math.sqrt(sum(v * v for v in host[1:]))
-                values.update({f"grad_norm/{n}": v for n, v in zip(names, host[1:], strict=True)})
+            stat = dict(zip(tags, host[1:], strict=True))
+            norms = [v for k, v in stat.items() if k.startswith("grad_norm/")]
+            if norms:
+                values["grad_norm/total"] = math.sqrt(sum(v * v for v in norms))
+            if "clipped_steps" in stat:
+                values["train/clipped_fraction"] = stat.pop("clipped_steps") / max(progress.losses_since_log, 1)
+            values.update(stat)
+            if env.device.type == "cuda":
+                values["perf/gpu_memory_gb"] = torch.cuda.max_memory_allocated(env.device) / 1e9
             if progress.skipped_steps:
                 values["train/skipped_steps"] = float(progress.skipped_steps)
             logger.scalars(step, values)
@@ -283,6 +295,7 @@ def fit(
                 message = divergence_message(step - progress.steps_since_log, step, values, optim, trainer)
                 break
             loss_sum.zero_()
+            monitor.reset()
             progress.steps_since_log = progress.losses_since_log = 0
             last_log_time = now
             aside_seconds += aside_since_log

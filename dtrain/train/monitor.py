@@ -1,0 +1,123 @@
+"""What the dashboard shows about the optimizer step besides the loss.
+
+Per logging step: gradient norms (total and per parameter, before clipping), the fraction of steps since
+the last log whose gradients were clipped, each parameter's update-to-weight ratio ``||dp|| / ||p||``,
+and, for models made of scalar parameters (the polynomials), the parameter values themselves. Every
+``trainer.histogram_every`` steps, weight and gradient histograms. Between logging steps only the clipped
+count is kept, on the device; everything else is computed at logging steps, so ordinary steps pay one
+small device op for clipping statistics and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dtrain.train.grads import clip_gradients, grad_norms
+from dtrain.train.logger import RunLogger
+
+MAX_SCALAR_PARAMETERS = 32  # log parameter values when the model is at most this many scalars
+
+
+class StepMonitor:
+    """Collects the step statistics of one rank; the values are the same on every rank (the gradients
+    are all-reduced before any of this runs), so they need no further reduction."""
+
+    def __init__(
+        self,
+        named_params: list[tuple[str, nn.Parameter]],
+        clip_value: float | None,
+        clip_norm: float | None,
+        histogram_every: int,
+        logger: RunLogger,
+        device: torch.device,
+    ) -> None:
+        self.named = named_params
+        self.params = [p for _, p in named_params]
+        self.clip_value = clip_value
+        self.clip_norm = clip_norm
+        self.histogram_every = histogram_every
+        self.logger = logger
+        self.clipped = torch.zeros((), dtype=torch.float64, device=device)  # clipped steps since the last log
+        self.scalar_model = len(self.params) <= MAX_SCALAR_PARAMETERS and all(p.numel() == 1 for p in self.params)
+        self._norms: torch.Tensor | None = None
+        self._names: list[str] = []
+        self._before: list[torch.Tensor] | None = None
+
+    def clip(self, step: int, log_now: bool) -> None:
+        """Before the optimizer step: at a logging step record the gradient norms (and histograms when due)
+        and the weights; then clip, counting whether clipping acted."""
+        if log_now:
+            self._norms, self._names = grad_norms(self.named)
+            self._before = [p.detach().clone() for p in self.params]
+        if self.histogram_every and step % self.histogram_every == 0:  # a host copy: only when asked for
+            for name, p in self.named:
+                self.logger.histogram(f"weights/{name}", p, step)
+                if p.grad is not None:
+                    self.logger.histogram(f"grads/{name}", p.grad, step)
+        acted = None
+        if self.clip_value is not None:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                acted = torch.stack(torch._foreach_norm(grads, math.inf)).max() > self.clip_value
+        total = clip_gradients(self.params, self.clip_value, self.clip_norm)
+        if total is not None:
+            over = total > self.clip_norm
+            acted = over if acted is None else acted | over
+        if acted is not None:
+            self.clipped += acted
+
+    def device_values(self) -> tuple[torch.Tensor, list[str]]:
+        """After the optimizer step at a logging step: the statistics as one float64 device tensor (so the
+        trainer fetches them in its one host copy) and their tags in the same order."""
+        parts: list[torch.Tensor] = []
+        tags: list[str] = []
+        if self._norms is not None:
+            parts.append(self._norms.to(torch.float64))
+            tags += [f"grad_norm/{n}" for n in self._names]
+        if self._before is not None:
+            deltas = torch._foreach_sub([p.detach() for p in self.params], self._before)
+            ratio = torch.stack(torch._foreach_norm(deltas)) / torch.stack(torch._foreach_norm(self._before)).clamp_min(
+                1e-30
+            )
+            parts.append(ratio.to(torch.float64))
+            tags += [f"update_ratio/{name}" for name, _ in self.named]
+        if self.scalar_model:
+            parts.append(torch.stack([p.detach().reshape(()) for p in self.params]).to(torch.float64))
+            tags += [f"param/{name}" for name, _ in self.named]
+        if self.clip_value is not None or self.clip_norm is not None:
+            parts.append(self.clipped.reshape(1))
+            tags.append("clipped_steps")
+        self._norms, self._before = None, None
+        empty = torch.zeros(0, dtype=torch.float64, device=self.clipped.device)
+        return (torch.cat(parts) if parts else empty), tags
+
+    def reset(self) -> None:
+        """After a logging step: start counting clipped steps afresh."""
+        self.clipped.zero_()
+
+
+def custom_scalars_layout(monitor: StepMonitor, has_val: bool, on_gpu: bool) -> dict[str, dict[str, list]]:
+    """TensorBoard's custom-scalars layout: which tags share a chart (regular expressions over tags)."""
+    loss = ["train/loss", *([r"val/loss.*"] if has_val else [])]
+    layout: dict[str, dict[str, list]] = {
+        "training": {
+            "loss (train and validation)": ["Multiline", loss],
+            "learning rate": ["Multiline", ["lr"]],
+            "gradient norms (total and per parameter)": ["Multiline", [r"grad_norm/.*"]],
+            "update / weight ratio per parameter": ["Multiline", [r"update_ratio/.*"]],
+        },
+        "performance": {
+            "samples per second": ["Multiline", ["perf/samples_per_sec"]],
+            "step time (ms)": ["Multiline", ["perf/step_time_ms"]],
+        },
+    }
+    if monitor.clip_value is not None or monitor.clip_norm is not None:
+        layout["training"]["fraction of steps clipped"] = ["Multiline", ["train/clipped_fraction"]]
+    if monitor.scalar_model:
+        layout["training"]["parameter values"] = ["Multiline", [r"param/.*"]]
+    if on_gpu:
+        layout["performance"]["GPU memory (GB)"] = ["Multiline", [r"perf/gpu_memory.*"]]
+    return layout
