@@ -169,9 +169,11 @@ def _decision_boundary(predict: Predict, data: DataSet) -> Figure:
         alpha=0.3,
     )
     # Boundary lines from the logits (sub-cell accurate): class k's region is where its logit beats the
-    # best other one, so its edge is the zero level of that margin. Each edge is drawn from both sides,
-    # on the same line. A single logit has no rival: one region, no edge.
-    for k in range(logits.shape[1] if logits.shape[1] > 1 else 0):
+    # best other one, so its edge is the zero level of that margin. With three or more classes each edge is
+    # drawn from both sides, on the same line; with two, class 1's margin alone traces the whole boundary
+    # (and a single logit has no rival: no edge).
+    num_logits = logits.shape[1]
+    for k in range(num_logits) if num_logits > 2 else range(1, num_logits):
         others = np.delete(logits, k, axis=1)
         with np.errstate(invalid="ignore"):  # inf - inf from a diverged model: NaN, left out below
             margin = (logits[:, k] - others.max(axis=1)).reshape(g0.shape)

@@ -85,11 +85,11 @@ class RunLogger:
         if self.writer is not None:
             self.writer.add_custom_scalars(layout)
 
-    def figures(self, step: int, figures: dict[str, Any]) -> None:
-        """matplotlib figures as images (TensorBoard's Images tab)."""
+    def images(self, step: int, images: dict[str, Any]) -> None:
+        """RGB images (H, W, 3 uint8 arrays) in TensorBoard's Images tab."""
         if self.writer is not None:
-            for tag, figure in figures.items():
-                self.writer.add_figure(tag, figure, global_step=step, close=True)
+            for tag, image in images.items():
+                self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
     def text(self, tag: str, text: str) -> None:
         if self.writer is not None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -33,6 +34,7 @@ from dtrain.train.objective import loss_fn, metric_sums
 from dtrain.train.state import Checkpointer, Progress
 
 log = logging.getLogger("dtrain")
+MAX_FIGURES = 20  # model figures per run (plus the final model's)
 
 
 def param_dtype(precision: str) -> torch.dtype:
@@ -165,15 +167,23 @@ def fit(
     aside_since_log = aside_seconds = 0.0
     prior_train, prior_wall = progress.train_seconds, progress.wall_seconds
 
+    # The model's picture costs 0.1-0.5 s to draw: at evaluations, at most about MAX_FIGURES a run, and the end.
+    figure_spacing = max(1, total_steps // MAX_FIGURES)
+    figured_at = -figure_spacing
+
     def run_evaluation() -> None:
-        nonlocal aside_since_log
+        nonlocal aside_since_log, figured_at
         started = time.perf_counter()
         current_op("evaluation metrics all-reduce", progress.step)
         val = evaluate(model, data.val, data.task, env, autocast, chunk=batches.micro_batch)
-        aside_since_log += time.perf_counter() - started  # evaluate() ends in a host sync: this is its real cost
         logger.scalars(progress.step, val)
         progress.metrics.update(val)
         progress.evaluated_at = progress.step
+        due = progress.step - figured_at >= figure_spacing or progress.step == total_steps
+        if trainer.figures and env.is_main and due:
+            logger.images(progress.step, draw_figures(model, data, env.device, batches.micro_batch))
+            figured_at = progress.step
+        aside_since_log += time.perf_counter() - started  # evaluate() ends in a host sync: this is its real cost
 
     def save_checkpoint() -> None:
         nonlocal aside_since_log
@@ -342,6 +352,23 @@ def fit(
         wall_time_s=wall,
         message=message,
     )
+
+
+def draw_figures(model: nn.Module, data: DataSet, device: torch.device, chunk: int) -> dict[str, np.ndarray]:
+    """The model's figures (dtrain.train.figures) as RGB images, the model run in eval mode in chunks."""
+    from dtrain.train.figures import figure_to_rgb, model_figures
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        outputs = [model(x[i : i + chunk].to(device)).float().cpu() for i in range(0, len(x), chunk)]
+        return torch.cat(outputs)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return {tag: figure_to_rgb(figure) for tag, figure in model_figures(predict, data).items()}
+    finally:
+        model.train(was_training)
 
 
 def all_finite(step_loss: torch.Tensor, params: list[nn.Parameter], env: DistEnv, step: int) -> bool:
