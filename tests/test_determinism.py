@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import Run, assert_ok, run_dtrain
+from tests.conftest import TIMING_METRICS, Run, assert_ok, run_dtrain
 from tests.tb import scalars
 
 pytestmark = pytest.mark.multiprocess
@@ -65,8 +65,6 @@ STEPS = {
     "polynomial": 3 * (720 // 48),
 }
 
-# What a run measures about the machine rather than the training: left out of bitwise comparisons.
-TIMING_METRICS = ("perf/samples_per_sec", "samples_per_sec", "wall_time_s")
 
 # Across world sizes only the order of the gradient sums differs, so the parameters (of order 0.01 to 2)
 # differ by a few float64 ulps: at most 4.4e-16 absolute and 7e-13 relative, measured on these cases.

@@ -146,13 +146,24 @@ def test_stop_policy_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     assert not (run.run_dir / "model.pt").exists()
 
 
+# 700 steps (a few seconds): a signal sent at the first logging step arrives long before the end.
+LONG = (*MLP, "trainer.max_epochs=100", "checkpoint.every_n_steps=250")
+
+
+@pytest.fixture(scope="module")
+def long_uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    run = run_dtrain(tmp_path_factory.mktemp("long") / "run", *LONG)
+    assert run.returncode == 0, run.stderr
+    return run
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])  # SLURM sends SIGUSR1 before a time limit
-def test_a_stop_signal_saves_a_checkpoint_and_exits_75_then_resumes_exactly(tmp_path: Path, signum: int) -> None:
-    # 700 steps (a few seconds): the signal, sent at the first logging step, arrives long before the end.
-    long = (*MLP, "trainer.max_epochs=100", "checkpoint.every_n_steps=250")
+def test_a_stop_signal_saves_a_checkpoint_and_exits_75_then_resumes_exactly(
+    tmp_path: Path, long_uninterrupted: Run, signum: int
+) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dtrain", f"hydra.run.dir={run_dir}", "trainer.progress=lines", *long],
+        [sys.executable, "-m", "dtrain", f"hydra.run.dir={run_dir}", "trainer.progress=lines", *LONG],
         cwd=REPO,
         env=cli_env(),
         stdout=subprocess.PIPE,
@@ -171,7 +182,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_exits_75_then_resumes_exactly(tmp_
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "preempted"
     stopped_at = json.loads((run_dir / "checkpoints" / "latest").read_text())["step"]
     assert 4 <= stopped_at < 700
-    resumed = run_dtrain(run_dir, *long)
+    resumed = run_dtrain(run_dir, *LONG)
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {stopped_at}" in resumed.stdout
-    resumed.assert_same_result(run_dtrain(tmp_path / "whole", *long))
+    resumed.assert_same_result(long_uninterrupted)
