@@ -146,15 +146,18 @@ def hydra_error_line(exc: BaseException) -> str:
     return text
 
 
-SUBCOMMANDS = ("gradcheck",)
+SUBCOMMANDS = ("gradcheck", "report")
 
 
 def run_subcommand(name: str, argv: list[str]) -> None:
-    """``dtrain gradcheck ...``: user errors as one line (exit 2), a failed check exits 1."""
-    from dtrain import check
+    """``dtrain gradcheck ...`` / ``dtrain report ...``: user errors as one line (exit 2), a failed check exits 1."""
+    if name == "report":
+        from dtrain import report as command
+    else:
+        from dtrain import check as command
 
     try:
-        code = check.main(argv)
+        code = command.main(argv)
     except (UserError, HydraException, OmegaConfBaseException) as exc:
         if SHOW_TRACEBACKS:
             raise
@@ -164,7 +167,8 @@ def run_subcommand(name: str, argv: list[str]) -> None:
 
 
 def main() -> None:
-    """Console-script entry: ``dtrain [hydra overrides]`` trains; ``dtrain gradcheck [...]`` checks gradients."""
+    """Console-script entry: ``dtrain [hydra overrides]`` trains; ``dtrain gradcheck [...]`` checks gradients;
+    ``dtrain report RUN_DIR [...]`` writes an HTML report of runs."""
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         run_subcommand(sys.argv[1], sys.argv[2:])
     # Let Hydra's own errors (unknown group option, unknown key, unparsable override) reach us, so
