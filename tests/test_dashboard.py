@@ -63,4 +63,4 @@ def test_the_run_ends_with_a_summary_table(dtrain_run) -> None:
     table = run.stdout[run.stdout.index("done: completed, 6 steps") :]
     rows = dict(line.split(None, 1) for line in table.splitlines()[1:] if line.startswith("  ") and "/" in line[:14])
     assert math.isclose(float(rows["train/loss"]), run.metrics["train/loss"], rel_tol=1e-5)
-    assert f"tensorboard --logdir {run.run_dir}" in table
+    assert f"tensorboard --logdir {run.run_dir}" in table and f"dtrain report {run.run_dir}" in table

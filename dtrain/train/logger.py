@@ -137,7 +137,11 @@ def summary_table(summary: dict[str, Any], run_dir: str) -> str:
     ]
     width = max([len(k) for k, _ in rows] + [len("tensorboard")])
     lines = [head, *(f"  {k:<{width}}  {v:.6g}" for k, v in rows)]
-    lines += [f"  {'run directory':<{width}}  {run_dir}", f"  {'tensorboard':<{width}}  tensorboard --logdir {run_dir}"]
+    lines += [
+        f"  {'run directory':<{width}}  {run_dir}",
+        f"  {'report':<{width}}  dtrain report {run_dir}  (writes {run_dir}/report.html)",
+        f"  {'tensorboard':<{width}}  tensorboard --logdir {run_dir}",
+    ]
     return "\n".join(lines)
 
 
