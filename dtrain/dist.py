@@ -10,6 +10,7 @@ import datetime
 import gc
 import os
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -190,7 +191,12 @@ def init_on_fresh_store(
             if time.monotonic() > deadline:
                 raise dist.DistStoreError(f"rank {rank}: rank 0 posted no live store within {timeout}")
             port, nonce = notice_board.get(_STORE_NOTICE).decode().split()  # waits for the first notice
-            try:
+            try:  # a dead server refuses a plain connection at once; a TCPStore client would retry and log
+                socket.create_connection((host, int(port)), timeout=_PROBE_TIMEOUT.total_seconds()).close()
+            except OSError:
+                time.sleep(0.1)  # an earlier attempt's notice: wait for this attempt's rank 0
+                continue
+            try:  # the port may have been reused since: accept only this attempt's nonce
                 candidate = dist.TCPStore(host, int(port), is_master=False, timeout=_PROBE_TIMEOUT)
                 if candidate.check([_STORE_NONCE]) and candidate.get(_STORE_NONCE).decode() == nonce:
                     candidate.set_timeout(timeout)
