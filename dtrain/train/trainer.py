@@ -208,8 +208,9 @@ def fit(
             micro_iter = iter(batches.epoch(progress.epoch, start_step=step_in_epoch()))
         micro_batches = next(micro_iter)
         step = progress.step + 1  # the step being taken (1-based): what logs and checkpoints call it
-        poison = math.nan if faults.poisons(step) else 1.0
-        current_op("gradient all-reduce", step)
+        poison = math.nan if faults.armed and faults.poisons(step) else 1.0
+        if env.distributed:
+            current_op("gradient all-reduce", step)
         if engine:
             # The engine computes loss and gradients itself; then one bucketed all-reduce.
             scale = 1.0 / len(micro_batches)
@@ -263,7 +264,8 @@ def fit(
             progress.losses_since_log += 1
             # Norms before clipping (at logging steps), then clipping. A non-finite gradient under norm
             # clipping turns the parameters, and so the next loss, non-finite.
-            monitor.clip(step, log_now)
+            if log_now or not monitor.idle:
+                monitor.clip(step, log_now)
         step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used, which is what we log
         if not skipped:
             optimizer.step()
@@ -336,7 +338,8 @@ def fit(
                 f"{checkpointer.directory}; launch the same command (same run directory) to resume"
             )
             break
-        faults.after_step(step, lambda: preemption.received is not None)
+        if faults.armed:
+            faults.after_step(step, lambda: preemption.received is not None)
 
     if status == "completed" and progress.evaluated_at != progress.step:
         run_evaluation()  # resumed from a checkpoint saved before the end's evaluation existed
