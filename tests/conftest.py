@@ -27,6 +27,9 @@ RESUMABLE_RUN = (
     "trainer.batch_size=32",
     "trainer.precision=float64",
 )
+# Drawing the model's figure costs a second or more a run (matplotlib's import, then 0.1-0.5 s a figure):
+# tests that do not look at it turn it off; a later trainer.figures=true in a test's overrides wins.
+NO_FIGURES = ("trainer.figures=false",)
 # What a run measures about the machine rather than the training: left out of bitwise comparisons.
 TIMING_METRICS = ("perf/samples_per_sec", "perf/step_time_ms", "samples_per_sec", "wall_time_s")
 
@@ -68,8 +71,10 @@ def launch(*args: str, nproc: int = 0, cwd: Path = REPO, timeout: float = 240) -
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    flags = [a for a in args if a.startswith("-")]  # -m, --cfg job: Hydra's flags, before the overrides
+    overrides = [a for a in args if not a.startswith("-")]
     return subprocess.run(
-        [*launcher, "-m", "dtrain", *args],
+        [*launcher, "-m", "dtrain", *flags, *NO_FIGURES, *overrides],
         cwd=cwd,
         env=cli_env(),
         capture_output=True,

@@ -10,9 +10,23 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
+from tests.conftest import Run, assert_ok, run_dtrain
 from tests.tb import scalars
 
 POLY = ("trainer.max_epochs=6", "trainer.log_every=1", "trainer.precision=float64")
+
+
+@pytest.fixture(scope="module")
+def clipped(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Every step clipped (a tiny max norm), histograms every 3 steps."""
+    run_dir = tmp_path_factory.mktemp("clipped") / "run"
+    return assert_ok(run_dtrain(run_dir, *POLY, "trainer.clip_grad_norm=1e-6", "trainer.histogram_every=3"))
+
+
+@pytest.fixture(scope="module")
+def unclipped(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """No step clipped (a huge max norm), no histograms (the default)."""
+    return assert_ok(run_dtrain(tmp_path_factory.mktemp("unclipped") / "run", *POLY, "trainer.clip_grad_norm=1e6"))
 
 
 def accumulator(run_dir: Path) -> EventAccumulator:
@@ -21,9 +35,8 @@ def accumulator(run_dir: Path) -> EventAccumulator:
     return acc
 
 
-def test_custom_scalars_layout_groups_the_charts(dtrain_run) -> None:
-    run = dtrain_run(*POLY, "trainer.clip_grad_norm=1.0")
-    acc = accumulator(run.run_dir)
+def test_custom_scalars_layout_groups_the_charts(clipped: Run) -> None:
+    acc = accumulator(clipped.run_dir)
     (event,) = acc.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
@@ -34,15 +47,14 @@ def test_custom_scalars_layout_groups_the_charts(dtrain_run) -> None:
     assert "GPU memory (GB)" not in charts  # a CPU run
 
 
-@pytest.mark.parametrize(("max_norm", "fraction"), [(1e-6, 1.0), (1e6, 0.0)])
-def test_clipped_fraction_counts_the_clipped_steps(dtrain_run, max_norm: float, fraction: float) -> None:
-    tags = scalars(dtrain_run(*POLY, f"trainer.clip_grad_norm={max_norm}").run_dir)
-    assert [v for _, v in tags["train/clipped_fraction"]] == [fraction] * 6
+def test_clipped_fraction_counts_the_clipped_steps(clipped: Run, unclipped: Run) -> None:
+    assert [v for _, v in scalars(clipped.run_dir)["train/clipped_fraction"]] == [1.0] * 6
+    assert [v for _, v in scalars(unclipped.run_dir)["train/clipped_fraction"]] == [0.0] * 6
 
 
-def test_update_ratio_and_parameter_values_agree(dtrain_run) -> None:
+def test_update_ratio_and_parameter_values_agree(unclipped: Run) -> None:
     """update_ratio/c0 at step k is |c0(k) - c0(k-1)| / |c0(k-1)|, from the logged parameter values."""
-    tags = scalars(dtrain_run(*POLY).run_dir)
+    tags = scalars(unclipped.run_dir)
     values = [v for _, v in tags["param/c0"]]
     ratios = [v for _, v in tags["update_ratio/c0"]]
     for k in range(1, len(values)):
@@ -51,16 +63,15 @@ def test_update_ratio_and_parameter_values_agree(dtrain_run) -> None:
     assert steps == list(range(1, 7)) and all(v > 0 for _, v in tags["perf/step_time_ms"])
 
 
-def test_histograms_only_when_asked(dtrain_run) -> None:
-    assert accumulator(dtrain_run(*POLY).run_dir).Tags()["histograms"] == []
-    acc = accumulator(dtrain_run(*POLY, "trainer.histogram_every=3").run_dir)
+def test_histograms_only_when_asked(clipped: Run, unclipped: Run) -> None:
+    assert accumulator(unclipped.run_dir).Tags()["histograms"] == []
+    acc = accumulator(clipped.run_dir)
     assert {"weights/c0", "grads/c0"} <= set(acc.Tags()["histograms"])
     assert [e.step for e in acc.Histograms("weights/c0")] == [3, 6]
 
 
-def test_the_run_ends_with_a_summary_table(dtrain_run) -> None:
-    run = dtrain_run(*POLY)
-    table = run.stdout[run.stdout.index("done: completed, 6 steps") :]
+def test_the_run_ends_with_a_summary_table(unclipped: Run) -> None:
+    table = unclipped.stdout[unclipped.stdout.index("done: completed, 6 steps") :]
     rows = dict(line.split(None, 1) for line in table.splitlines()[1:] if line.startswith("  ") and "/" in line[:14])
-    assert math.isclose(float(rows["train/loss"]), run.metrics["train/loss"], rel_tol=1e-5)
-    assert f"tensorboard --logdir {run.run_dir}" in table and f"dtrain report {run.run_dir}" in table
+    assert math.isclose(float(rows["train/loss"]), unclipped.metrics["train/loss"], rel_tol=1e-5)
+    assert f"tensorboard --logdir {unclipped.run_dir}" in table and f"dtrain report {unclipped.run_dir}" in table

@@ -93,6 +93,7 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_process(tmp_path, dtrain_run) 
     from tests.conftest import cli_env
 
     common = ["trainer.batch_size=180", "trainer.max_epochs=4", "trainer.precision=float64", "optim.lr=0.05"]
+    common.append("trainer.figures=false")
     port = _free_port()
     nodes = [
         subprocess.Popen(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, RESUMABLE_RUN, Run, cli_env, run_dtrain
+from tests.conftest import NO_FIGURES, REPO, RESUMABLE_RUN, Run, cli_env, run_dtrain
 
 pytestmark = pytest.mark.multiprocess
 
@@ -40,8 +40,16 @@ def torchrun(*args: str, restarts: int = 0, nproc: int = 2) -> list[str]:
         "-m",
         "dtrain",
         "trainer.progress=lines",
+        *NO_FIGURES,
         *args,
     ]
+
+
+def run_torchrun(*args: str, restarts: int = 0) -> subprocess.CompletedProcess:
+    """Run a 2-rank standalone torchrun of dtrain to its end (at most 3 minutes)."""
+    return subprocess.run(
+        torchrun(*args, restarts=restarts), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180
+    )
 
 
 def start(*args: str, restarts: int = 0, cwd: Path = REPO) -> subprocess.Popen:
@@ -102,14 +110,8 @@ def test_a_worker_killed_from_outside_is_restarted_and_resumes_bitwise(tmp_path:
 
 
 def test_a_fault_injected_inside_is_restarted_and_resumes_bitwise(tmp_path: Path, uninterrupted: Run) -> None:
-    proc = subprocess.run(
-        torchrun(f"hydra.run.dir={tmp_path}", *RUN, "fault.kind=kill", "fault.rank=1", "fault.step=47", restarts=1),
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    fault = ("fault.kind=kill", "fault.rank=1", "fault.step=47")
+    proc = run_torchrun(f"hydra.run.dir={tmp_path}", *RUN, *fault, restarts=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "at step 40" in proc.stdout
     same_params(Run(0, proc.stdout, proc.stderr, tmp_path), uninterrupted)
@@ -117,14 +119,7 @@ def test_a_fault_injected_inside_is_restarted_and_resumes_bitwise(tmp_path: Path
 
 def test_a_worker_that_dies_after_the_final_checkpoint_does_not_train_again(tmp_path: Path, uninterrupted: Run) -> None:
     fault = ("fault.kind=kill", "fault.rank=0", "fault.step=420")  # after the last step and its checkpoint
-    proc = subprocess.run(
-        torchrun(f"hydra.run.dir={tmp_path}", *RUN, *fault, restarts=1),
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = run_torchrun(f"hydra.run.dir={tmp_path}", *RUN, *fault, restarts=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after_restart = proc.stdout.split("resumed from")[1]
     assert "at step 420" in after_restart and "\nstep " not in after_restart  # nothing trained again
@@ -155,9 +150,7 @@ def test_a_fault_on_every_attempt_exhausts_the_restarts_and_names_the_rank(tmp_p
         "fault.step=3",
         "fault.attempts=every",
     )
-    proc = subprocess.run(
-        torchrun(*args, restarts=1), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180
-    )
+    proc = run_torchrun(*args, restarts=1)
     assert proc.returncode != 0
     assert proc.stderr.count("fault.kind=exit fires on this rank after step 3") == 2  # both attempts
     assert "rank      : 1 (local_rank: 1)" in proc.stderr and "exitcode  : 1" in proc.stderr
@@ -184,7 +177,7 @@ def test_sigterm_to_the_agent_saves_and_the_next_launch_resumes_bitwise(tmp_path
 def test_a_hanging_rank_times_out_with_the_rank_and_operation_named(tmp_path: Path) -> None:
     args = (f"hydra.run.dir={tmp_path}", *RUN, "fault.kind=hang", "fault.rank=1", "fault.step=3", "dist.timeout_s=5")
     began = time.monotonic()
-    proc = subprocess.run(torchrun(*args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180)
+    proc = run_torchrun(*args)
     assert proc.returncode != 0
     assert "dtrain: error: rank 0: gradient all-reduce at step 4 failed" in proc.stderr, proc.stderr[-3000:]
     assert "dist.timeout_s=5" in proc.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, RESUMABLE_RUN, Run, cli_env, run_dtrain
+from tests.conftest import NO_FIGURES, REPO, RESUMABLE_RUN, Run, cli_env, run_dtrain
 from tests.tb import scalars
 
 # RESUMABLE_RUN plus dropout, so the random generators' state matters too.
@@ -32,8 +32,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Run:
     return run
 
 
-# 7 steps an epoch, checkpoints every 4: mid-epoch, mid-epoch past a checkpoint, the last step.
-@pytest.mark.parametrize("crash_after", [6, 13, 21])
+# 7 steps an epoch, checkpoints every 4: mid-epoch past a checkpoint, and the last step.
+@pytest.mark.parametrize("crash_after", [13, 21])
 def test_a_run_stopped_at_any_step_resumes_bitwise(tmp_path: Path, uninterrupted: Run, crash_after: int) -> None:
     crashed = run_dtrain(tmp_path / "run", *MLP, "fault.kind=exit", f"fault.step={crash_after}")
     assert crashed.returncode == 1
@@ -163,7 +163,7 @@ def test_a_stop_signal_saves_a_checkpoint_and_exits_75_then_resumes_exactly(
 ) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dtrain", f"hydra.run.dir={run_dir}", "trainer.progress=lines", *LONG],
+        [sys.executable, "-m", "dtrain", f"hydra.run.dir={run_dir}", "trainer.progress=lines", *NO_FIGURES, *LONG],
         cwd=REPO,
         env=cli_env(),
         stdout=subprocess.PIPE,

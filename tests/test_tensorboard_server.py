@@ -22,7 +22,8 @@ TENSORBOARD = [sys.executable, "-m", "tensorboard.main", "--load_fast=false"]
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     run_dir = tmp_path_factory.mktemp("tb") / "run"
-    return assert_ok(run_dtrain(run_dir, "trainer.max_epochs=30", "trainer.device=cpu", nproc=2))
+    overrides = ("trainer.max_epochs=30", "trainer.device=cpu", "trainer.figures=true")
+    return assert_ok(run_dtrain(run_dir, *overrides, nproc=2))
 
 
 @pytest.fixture(scope="module")

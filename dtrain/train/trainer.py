@@ -34,7 +34,7 @@ from dtrain.train.objective import loss_fn, metric_sums
 from dtrain.train.state import Checkpointer, Progress
 
 log = logging.getLogger("dtrain")
-MAX_FIGURES = 20  # model figures per run (plus the final model's)
+MAX_FIGURES = 10  # model figures per run (plus the final model's)
 
 
 def param_dtype(precision: str) -> torch.dtype:
