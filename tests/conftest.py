@@ -28,7 +28,7 @@ RESUMABLE_RUN = (
     "trainer.precision=float64",
 )
 # Drawing the model's figure costs a second or more a run (matplotlib's import, then 0.1-0.5 s a figure):
-# tests that do not look at it turn it off; a later trainer.figures=true in a test's overrides wins.
+# tests that do not look at it turn it off (launch() adds this unless a test sets trainer.figures itself).
 NO_FIGURES = ("trainer.figures=false",)
 # What a run measures about the machine rather than the training: left out of bitwise comparisons.
 TIMING_METRICS = ("perf/samples_per_sec", "perf/step_time_ms", "samples_per_sec", "wall_time_s")
@@ -71,10 +71,12 @@ def launch(*args: str, nproc: int = 0, cwd: Path = REPO, timeout: float = 240) -
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    flags = [a for a in args if a.startswith("-")]  # -m, --cfg job: Hydra's flags, before the overrides
-    overrides = [a for a in args if not a.startswith("-")]
+    training = not (args and args[0] in ("gradcheck", "report"))
+    if training and not any(a.startswith("trainer.figures=") for a in args):
+        # Next to the other overrides: Hydra's parser takes them as one run of positional arguments.
+        args = (*args, *NO_FIGURES) if args and args[0].startswith("-") else (*NO_FIGURES, *args)
     return subprocess.run(
-        [*launcher, "-m", "dtrain", *flags, *NO_FIGURES, *overrides],
+        [*launcher, "-m", "dtrain", *args],
         cwd=cwd,
         env=cli_env(),
         capture_output=True,
