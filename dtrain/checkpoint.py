@@ -116,10 +116,15 @@ def latest(directory: Path) -> Found | None:
     if not pointer.is_file():
         return None
     try:
-        info = json.loads(pointer.read_text())
-        return Found(directory / info["file"], int(info["step"]), str(info["sha256"]), int(info["size"]))
+        return _read_manifest(pointer)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{pointer} is unreadable ({exc}); resume=PATH with one of the step-*.pt files") from None
+
+
+def _read_manifest(manifest: Path) -> Found:
+    """The checkpoint a manifest (``step-N.json`` or ``latest``, which is a copy of one) describes."""
+    info = json.loads(manifest.read_text())
+    return Found(manifest.parent / info["file"], int(info["step"]), str(info["sha256"]), int(info["size"]))
 
 
 def has_checkpoints(run_dir: Path) -> bool:
@@ -151,8 +156,7 @@ def find(resume: str, run_dir: Path) -> Found | None:
         manifest = path.with_suffix(".json")
         if manifest.is_file():
             try:
-                info = json.loads(manifest.read_text())
-                return Found(path, int(info["step"]), str(info["sha256"]), int(info["size"]))
+                return _read_manifest(manifest)
             except (OSError, ValueError, KeyError, TypeError):
                 pass  # an unreadable manifest: load unverified, as a file without one
         return Found(path, None, None, None)

@@ -48,12 +48,16 @@ class Run:
     def params(self) -> dict[str, torch.Tensor]:
         return torch.load(self.run_dir / "model.pt")
 
-    def assert_same_result(self, other: Run) -> None:
-        """Bitwise-equal final parameters and metrics (timings aside)."""
+    def assert_same_params(self, other: Run) -> None:
+        """Bitwise-equal final parameters."""
         mine, theirs = self.params(), other.params()
         assert mine.keys() == theirs.keys()
         for name in mine:
             assert torch.equal(mine[name], theirs[name]), name
+
+    def assert_same_result(self, other: Run) -> None:
+        """Bitwise-equal final parameters and metrics (timings aside)."""
+        self.assert_same_params(other)
         a = {k: v for k, v in self.metrics.items() if k not in TIMING_METRICS}
         b = {k: v for k, v in other.metrics.items() if k not in TIMING_METRICS}
         assert a == b

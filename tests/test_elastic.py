@@ -85,11 +85,6 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def same_params(a: Run, b: Run) -> None:
-    pa, pb = a.params(), b.params()
-    assert pa.keys() == pb.keys() and all(torch.equal(pa[name], pb[name]) for name in pa)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Run:
     run = run_dtrain(tmp_path_factory.mktemp("whole") / "run", *RUN, "trainer.progress=lines", nproc=2)
@@ -106,7 +101,7 @@ def test_a_worker_killed_from_outside_is_restarted_and_resumes_bitwise(tmp_path:
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in out
-    same_params(Run(0, out, err, tmp_path), uninterrupted)
+    Run(0, out, err, tmp_path).assert_same_params(uninterrupted)
 
 
 def test_a_fault_injected_inside_is_restarted_and_resumes_bitwise(tmp_path: Path, uninterrupted: Run) -> None:
@@ -114,7 +109,7 @@ def test_a_fault_injected_inside_is_restarted_and_resumes_bitwise(tmp_path: Path
     proc = run_torchrun(f"hydra.run.dir={tmp_path}", *RUN, *fault, restarts=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "at step 40" in proc.stdout
-    same_params(Run(0, proc.stdout, proc.stderr, tmp_path), uninterrupted)
+    Run(0, proc.stdout, proc.stderr, tmp_path).assert_same_params(uninterrupted)
 
 
 def test_a_worker_that_dies_after_the_final_checkpoint_does_not_train_again(tmp_path: Path, uninterrupted: Run) -> None:
@@ -123,7 +118,7 @@ def test_a_worker_that_dies_after_the_final_checkpoint_does_not_train_again(tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     after_restart = proc.stdout.split("resumed from")[1]
     assert "at step 420" in after_restart and "\nstep " not in after_restart  # nothing trained again
-    same_params(Run(0, proc.stdout, proc.stderr, tmp_path), uninterrupted)
+    Run(0, proc.stdout, proc.stderr, tmp_path).assert_same_params(uninterrupted)
 
 
 def test_a_checkpoint_resumes_on_another_world_size_only_when_allowed(tmp_path: Path, uninterrupted: Run) -> None:
@@ -171,7 +166,7 @@ def test_sigterm_to_the_agent_saves_and_the_next_launch_resumes_bitwise(tmp_path
     resumed = run_dtrain(tmp_path, *RUN, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stopped_at}" in resumed.stdout
-    same_params(resumed, uninterrupted)
+    resumed.assert_same_params(uninterrupted)
 
 
 def test_a_hanging_rank_times_out_with_the_rank_and_operation_named(tmp_path: Path) -> None:
