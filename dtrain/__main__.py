@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dtrain import dist
 from dtrain.config import load, register_configs
 from dtrain.errors import PeerFailure, RankLocalError, UserError
+from dtrain.results import objective_value
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -62,13 +63,6 @@ def fail(message: str, code: int, quiet: bool = False) -> None:
     sys.exit(code)
 
 
-def objective(summary: dict) -> float:
-    """What a sweeper minimises: the final validation loss, else the training loss (inf if diverged)."""
-    if summary.get("status") != "completed":
-        return math.inf
-    return float(summary.get("val/loss", summary.get("train/loss", math.inf)))
-
-
 OmegaConf.register_new_resolver("dtrain_launch", dist.launch_id, use_cache=True, replace=True)
 register_configs()
 
@@ -93,6 +87,7 @@ def _run_job(cfg: DictConfig) -> float:
     rank = dist.env_rank()
     setup_logging(rank)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    worst = -math.inf if OmegaConf.select(cfg, "objective.mode") == "max" else math.inf
     try:
         if sweeping and dist.under_torchrun():
             raise UserError("a sweep (-m) runs trials, not ranks: start it outside torchrun (python -m dtrain -m ...)")
@@ -110,7 +105,7 @@ def _run_job(cfg: DictConfig) -> float:
         if sweeping:  # one bad trial must not end the sweep: report it and score it as the worst
             if not quiet:
                 print(f"dtrain: error: {exc}", file=sys.stderr, flush=True)
-            return math.inf
+            return worst
         fail(str(exc), EXIT_PEER_FAILURE if isinstance(exc, PeerFailure) else EXIT_USER_ERROR, quiet=quiet)
     log = logging.getLogger("dtrain")
     if summary["status"] in ("diverged", "preempted"):
@@ -122,7 +117,7 @@ def _run_job(cfg: DictConfig) -> float:
         from dtrain.train.logger import summary_table
 
         log.info("%s", summary_table(summary, summary["_run_dir"]))
-    return objective(summary)
+    return objective_value(summary, config.objective.metric, config.objective.mode)
 
 
 def remove_if_empty(run_dir: Path) -> None:

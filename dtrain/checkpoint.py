@@ -47,6 +47,7 @@ FREE_ON_RESUME = (
     "dist",
     "checkpoint",
     "resume",
+    "objective",
     "fault",
 )
 

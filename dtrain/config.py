@@ -37,6 +37,7 @@ class PolynomialConfig:
 class MLPConfig:
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [64, 64])
+    width: int | None = None  # every hidden layer this wide (a scalar a sweeper can tune); None keeps hidden's
     activation: str = "relu"
     layer_norm: bool = False
     dropout: float = 0.0
@@ -213,6 +214,59 @@ class FaultConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """The number a sweep or a population ranks runs by: a final metric from ``metrics.json``."""
+
+    metric: str = "auto"  # auto: val/loss where there is a validation split, else train/loss
+    mode: str = "min"  # min | max
+
+
+# A per-member value: None (every member uses the run's own value), a list with one value per member
+# (or per grid point), or a string "logspace:LO:HI[:N]", "linspace:LO:HI[:N]", "loguniform:LO:HI",
+# "uniform:LO:HI" (see dtrain/population/members.py).
+MemberValues = Any
+
+
+@dataclass
+class PopulationOptimValues:
+    lr: MemberValues = None
+    momentum: MemberValues = None
+    weight_decay: MemberValues = None
+    beta1: MemberValues = None
+    beta2: MemberValues = None
+    eps: MemberValues = None
+
+
+@dataclass
+class PopulationTrainerValues:
+    clip_grad_norm: MemberValues = None
+
+
+@dataclass
+class PopulationScheduleValues:
+    decay: MemberValues = None
+    gamma: MemberValues = None
+    min_lr: MemberValues = None
+
+
+@dataclass
+class PopulationConfig:
+    """Many members of one model trained at once in one process (docs/tuning.md).
+
+    Members share the model, the data and the batches; they differ in the values given below.
+    """
+
+    size: int = 1  # members; 1 = an ordinary run. With grid=true: 0 = the grid's size
+    grid: bool = False  # false: lists/ranges give member i its i-th value; true: every combination
+    draw_seed: int = 0  # the random draws of loguniform/uniform
+    chunk: int = 0  # members fused in one forward/backward; 0 = measured at start-up
+    seed: MemberValues = None  # per-member initialisation seeds: a list, or "each" (seed + member index)
+    optim: PopulationOptimValues = field(default_factory=PopulationOptimValues)
+    trainer: PopulationTrainerValues = field(default_factory=PopulationTrainerValues)
+    schedule: PopulationScheduleValues = field(default_factory=PopulationScheduleValues)
+
+
+@dataclass
 class Config:
     """The whole run. Group sections hold one of the option dataclasses above."""
 
@@ -226,6 +280,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: str = "auto"  # auto: the run directory's latest checkpoint, if any | never | a path
     fault: FaultConfig = field(default_factory=FaultConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
 
 
 MODELS: dict[str, type] = {"polynomial": PolynomialConfig, "mlp": MLPConfig, "graph": GraphModelConfig}
@@ -301,6 +357,10 @@ def load(cfg: DictConfig) -> Config:
             sections[key] = _build(key, value, CheckpointConfig)
         elif key == "fault":
             sections[key] = _build(key, value, FaultConfig)
+        elif key == "objective":
+            sections[key] = _build(key, value, ObjectiveConfig)
+        elif key == "population":
+            sections[key] = _build(key, value, PopulationConfig)
         elif key == "resume":
             sections[key] = str(_typed("resume", value, str))
         elif key == "seed":
@@ -389,6 +449,7 @@ def check(config: Config) -> None:
         _positive("model.init_scale", model.init_scale, allow_zero=True)
     if isinstance(model, MLPConfig):
         _require(all(h >= 1 for h in model.hidden), f"model.hidden={model.hidden} must hold positive sizes")
+        _positive("model.width", model.width, allow_none=True)
         _one_of("model.activation", model.activation, ACTIVATIONS)
         _require(0.0 <= model.dropout < 1.0, f"model.dropout={model.dropout} must be in [0, 1)")
 
@@ -486,6 +547,12 @@ def check(config: Config) -> None:
         )
     _require(config.resume.strip() != "", "resume='' is empty; use auto, never, or a checkpoint path")
 
+    _one_of("objective.mode", config.objective.mode, ("min", "max"))
+    _require(
+        config.objective.metric == "auto" or "/" in config.objective.metric,
+        f"objective.metric={config.objective.metric!r} must be auto or a metric tag such as val/loss or val/accuracy",
+    )
+
     fault = config.fault
     _one_of("fault.kind", fault.kind, ("none", "kill", "exit", "hang", "nan"))
     _positive("fault.step", fault.step)
@@ -514,10 +581,12 @@ __all__ = [
     "GraphModelConfig",
     "MLPConfig",
     "MoonsConfig",
+    "ObjectiveConfig",
     "OptimConfig",
     "Poly1dConfig",
     "Poly2dConfig",
     "PolynomialConfig",
+    "PopulationConfig",
     "ScheduleConfig",
     "SineConfig",
     "TrainerConfig",

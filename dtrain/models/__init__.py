@@ -19,7 +19,7 @@ def _polynomial(cfg: C.PolynomialConfig, data: DataSet) -> nn.Module:
 def _mlp(cfg: C.MLPConfig, data: DataSet) -> nn.Module:
     return MLP(
         data.num_inputs,
-        cfg.hidden,
+        [cfg.width] * len(cfg.hidden) if cfg.width else cfg.hidden,
         data.num_outputs,
         activation=cfg.activation,
         layer_norm=cfg.layer_norm,
