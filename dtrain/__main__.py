@@ -116,7 +116,7 @@ def _run_job(cfg: DictConfig) -> float:
     elif rank == 0:
         from dtrain.train.logger import summary_table
 
-        log.info("%s", summary_table(summary, summary["_run_dir"]))
+        log.info("%s", summary.get("_table") or summary_table(summary, summary["_run_dir"]))
     return objective_value(summary, config.objective.metric, config.objective.mode)
 
 
@@ -141,13 +141,15 @@ def hydra_error_line(exc: BaseException) -> str:
     return text
 
 
-SUBCOMMANDS = ("gradcheck", "report")
+SUBCOMMANDS = ("gradcheck", "report", "lr-find")
 
 
 def run_subcommand(name: str, argv: list[str]) -> None:
-    """``dtrain gradcheck ...`` / ``dtrain report ...``: user errors as one line (exit 2), a failed check exits 1."""
+    """``dtrain gradcheck|report|lr-find ...``: user errors as one line (exit 2), a failed check exits 1."""
     if name == "report":
         from dtrain import report as command
+    elif name == "lr-find":
+        from dtrain.population import lr_find as command
     else:
         from dtrain import check as command
 

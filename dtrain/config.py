@@ -256,11 +256,11 @@ class PopulationConfig:
     Members share the model, the data and the batches; they differ in the values given below.
     """
 
-    size: int = 1  # members; 1 = an ordinary run. With grid=true: 0 = the grid's size
+    size: int = 1  # members; 1 = an ordinary run (or as many as a list below gives, or the grid's points)
     grid: bool = False  # false: lists/ranges give member i its i-th value; true: every combination
     draw_seed: int = 0  # the random draws of loguniform/uniform
     chunk: int = 0  # members fused in one forward/backward; 0 = measured at start-up
-    seed: MemberValues = None  # per-member initialisation seeds: a list, or "each" (seed + member index)
+    init_seed: MemberValues = None  # per-member initial weights: a list of seeds, or "each" (seed + member index)
     optim: PopulationOptimValues = field(default_factory=PopulationOptimValues)
     trainer: PopulationTrainerValues = field(default_factory=PopulationTrainerValues)
     schedule: PopulationScheduleValues = field(default_factory=PopulationScheduleValues)
@@ -271,6 +271,7 @@ class Config:
     """The whole run. Group sections hold one of the option dataclasses above."""
 
     seed: int = 0
+    init_seed: int | None = None  # the model's initial weights; None = seed (data, batch order keep seed)
     model: Any = None
     data: Any = None
     optim: Any = None
@@ -365,10 +366,12 @@ def load(cfg: DictConfig) -> Config:
             sections[key] = str(_typed("resume", value, str))
         elif key == "seed":
             sections[key] = _typed("seed", value, int)
+        elif key == "init_seed":
+            sections[key] = None if value is None else _typed("init_seed", value, int)
         else:
             valid = ", ".join(f.name for f in dataclasses.fields(Config))
             raise ConfigError(f"unknown config key '{key}'; valid top-level keys: {valid}")
-    missing = [f.name for f in dataclasses.fields(Config) if sections.get(f.name) is None]
+    missing = [f.name for f in dataclasses.fields(Config) if sections.get(f.name) is None and f.name != "init_seed"]
     if missing:
         raise ConfigError(f"config is missing section(s): {', '.join(missing)}")
     config = Config(**sections)
@@ -437,6 +440,8 @@ def _fraction(key: str, value: float) -> None:
 def check(config: Config) -> None:
     """Check values a type cannot rule out; raise :class:`ConfigError` naming the first bad one."""
     _require(0 <= config.seed < 2**63, f"seed={config.seed} must be in [0, 2^63)")
+    if config.init_seed is not None:
+        _require(0 <= config.init_seed < 2**63, f"init_seed={config.init_seed} must be in [0, 2^63)")
     model, data, optim, schedule, trainer = (
         config.model,
         config.data,

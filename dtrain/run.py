@@ -18,11 +18,12 @@ import torch
 from dtrain import checkpoint, dist
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, as_yaml, to_plain
-from dtrain.data import ShardedBatches, build_dataset
+from dtrain.data import DataSet, ShardedBatches, build_dataset
 from dtrain.errors import PeerFailure, UserError
 from dtrain.faults import Faults
 from dtrain.models import build_model
 from dtrain.models.graph import GraphModel
+from dtrain.population.run import is_population, train_population
 from dtrain.preemption import Preemption
 from dtrain.train.logger import RunLogger, log_to_rank_file
 from dtrain.train.state import Checkpointer, prepare_resume
@@ -77,9 +78,11 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
 
 def _train(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
     run_dir = agree_on_run_dir(run_dir, env)
+    if is_population(config):
+        return train_population(config, run_dir, env)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     data = build_dataset(config.data, config.seed).to(env.device, param_dtype(config.trainer.precision))
-    model = build_model(config.model, data)
+    model = build_initial_model(config, data)
     batches = ShardedBatches(
         data.train,
         config.trainer.batch_size,
@@ -132,6 +135,12 @@ def _train(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
                 write_atomic(run_dir / "graph.dot", model.to_dot(*batch).encode())
     dist.barrier(env)
     return summary | {"_message": result.message, "_run_dir": str(run_dir)}
+
+
+def build_initial_model(config: Config, data: DataSet) -> torch.nn.Module:
+    """The model with its initial weights, drawn from ``init_seed`` (or ``seed``): the same on every rank."""
+    torch.manual_seed(config.seed if config.init_seed is None else config.init_seed)
+    return build_model(config.model, data)
 
 
 def prepare_run_dir(run_dir: Path, config: Config, fresh: bool) -> None:

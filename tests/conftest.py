@@ -75,7 +75,7 @@ def launch(*args: str, nproc: int = 0, cwd: Path = REPO, timeout: float = 240) -
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    training = not (args and args[0] in ("gradcheck", "report"))
+    training = not (args and args[0] in ("gradcheck", "report", "lr-find"))
     if training and not any(a.startswith("trainer.figures=") for a in args):
         # Next to the other overrides: Hydra's parser takes them as one run of positional arguments.
         args = (*args, *NO_FIGURES) if args and args[0].startswith("-") else (*NO_FIGURES, *args)

@@ -191,32 +191,42 @@ def _index_backward(g: Tensor, z: Tensor, a: Tensor, *, index: Any) -> tuple[Ten
     return (grad,)
 
 
+def _loss_dims(value: Tensor, target: Tensor, what: str) -> tuple[int, ...]:
+    """The trailing dimensions a loss averages over: ``target``'s. Leading dimensions of ``value`` beyond
+    them (a population's member axis) are kept, giving one loss per leading index."""
+    lead = value.dim() - target.dim()
+    if lead < 0 or value.shape[lead:] != target.shape:  # [N, 1] against [N] would silently give [N, N]
+        raise ValueError(f"{what} needs equal shapes, got {tuple(value.shape)} and {tuple(target.shape)}")
+    return tuple(range(lead, value.dim()))
+
+
 def _mse_forward(pred: Tensor, target: Tensor, *, reduction: str) -> Tensor:
-    if pred.shape != target.shape:  # broadcasting [N, 1] against [N] would silently give [N, N]
-        raise ValueError(f"mse needs equal shapes, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    dims = _loss_dims(pred, target, "mse")
     squared = (pred - target).square()
-    return squared.mean() if reduction == "mean" else squared.sum()
+    return squared.mean(dim=dims) if reduction == "mean" else squared.sum(dim=dims)
 
 
 def _mse_backward(g: Tensor, z: Tensor, pred: Tensor, target: Tensor, *, reduction: str) -> tuple[Tensor, Tensor]:
     diff = pred - target
-    scale = 2.0 / diff.numel() if reduction == "mean" else 2.0
-    grad = g * scale * diff
+    scale = 2.0 / target.numel() if reduction == "mean" else 2.0
+    grad = g.reshape(g.shape + (1,) * target.dim()) * scale * diff
     return grad, -grad
 
 
 def _cross_entropy_forward(logits: Tensor, labels: Tensor) -> Tensor:
     # log-softmax of the label with the max subtracted first: no overflow for large logits, and no
     # cancellation between two large numbers when the label's logit is the largest (a tiny loss).
-    shifted = logits - logits.max(dim=1, keepdim=True).values
-    log_norm = shifted.exp().sum(dim=1).log()
-    return (log_norm - shifted.gather(1, labels.unsqueeze(1)).squeeze(1)).mean()
+    _loss_dims(logits[..., 0], labels, "cross_entropy")
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    log_norm = shifted.exp().sum(dim=-1).log()
+    picked = shifted.gather(-1, labels.expand(shifted.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return (log_norm - picked).mean(dim=-1)
 
 
 def _cross_entropy_backward(g: Tensor, z: Tensor, logits: Tensor, labels: Tensor) -> tuple[Tensor, None]:
-    probs = (logits - logits.max(dim=1, keepdim=True).values).softmax(dim=1)
-    probs[torch.arange(len(labels), device=labels.device), labels] -= 1.0  # softmax - one-hot
-    return g * probs / len(labels), None
+    probs = (logits - logits.max(dim=-1, keepdim=True).values).softmax(dim=-1)
+    probs -= torch.nn.functional.one_hot(labels, logits.shape[-1]).to(probs.dtype)  # softmax - one-hot
+    return g.reshape((*g.shape, 1, 1)) * probs / len(labels), None
 
 
 ADD = Op("add", lambda a, b: a + b, lambda g, z, a, b: (g, g))
@@ -327,14 +337,19 @@ def mean(a: Node, axis: int | None = None) -> Node:
 
 
 def mse(pred: Node, target: Node, reduction: str = "mean") -> Node:
-    """Squared error of ``pred`` against ``target``, averaged (``mean``) or summed (``sum``)."""
+    """Squared error of ``pred`` against ``target``, averaged (``mean``) or summed (``sum``).
+
+    ``pred`` may have leading dimensions that ``target`` lacks (a population's member axis, ``[M, N, 1]``
+    against ``[N, 1]``): the loss then has those dimensions, one value per member.
+    """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: use 'mean' or 'sum'")
     return apply(MSE, pred, target, reduction=reduction)
 
 
 def cross_entropy(logits: Node, labels: Node) -> Node:
-    """Mean softmax cross-entropy of ``logits`` [B, C] against class indices ``labels`` [B]."""
+    """Mean softmax cross-entropy of ``logits`` [B, C] against class indices ``labels`` [B]; logits
+    ``[M, B, C]`` give one loss per member."""
     return apply(CROSS_ENTROPY, logits, labels)
 
 
