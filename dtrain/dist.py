@@ -1,11 +1,14 @@
-"""Process-group life cycle and rank helpers: the only module that reads torchrun's environment.
+"""Process-group life cycle and rank helpers: the only module that reads torchrun's and SLURM's environment.
 
 A plain ``python -m dtrain`` is world size 1 with no process group at all; under torchrun we
 initialise one group (NCCL on CUDA, gloo on CPU), put each rank on its own GPU, and tear it down.
+A task of a multi-task SLURM step (``srun``, or hydra-submitit-launcher's jobs) without torchrun's
+variables is a rank too: its place comes from SLURM's variables (:func:`slurm_env`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -13,6 +16,7 @@ import re
 import socket
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +56,168 @@ def _env_int(name: str, default: int) -> int:
 
 
 def env_rank() -> int:
-    """This process's global rank from torchrun's environment (0 outside torchrun)."""
+    """This process's global rank from torchrun's environment, else SLURM's (0 outside both).
+
+    Never raises: error reporting asks it which rank speaks; :func:`setup` reports a malformed environment.
+    """
+    if _torchrun_vars_absent(os.environ):
+        with contextlib.suppress(UserError):
+            task = _slurm_task(os.environ)
+            if task is not None:
+                return task[0]
     return _env_int("RANK", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM: a task of an srun step is a rank when torchrun's variables are absent
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# Derived rendezvous ports lie below Linux's default ephemeral range (32768-60999), so the kernel does not
+# hand one out for an outgoing connection; 1500 consecutive job ids x 8 concurrent steps get distinct ports.
+_SLURM_PORT_BASE, _SLURM_PORT_JOBS, _SLURM_PORT_STEPS = 20000, 1500, 8
+
+
+def _torchrun_vars_absent(environ: Mapping[str, str]) -> bool:
+    return not any(environ.get(name) for name in _TORCHRUN_VARS)
+
+
+def _slurm_task(environ: Mapping[str, str]) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) of a task of a multi-task SLURM step; None for anything else.
+
+    The step's own task count (``SLURM_STEP_NUM_TASKS``, set by srun) comes before the job's
+    (``SLURM_NTASKS``): a step may use part of the job's allocation.
+    """
+    procid = environ.get("SLURM_PROCID")
+    world = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+    if not procid or not world:
+        return None
+    try:
+        rank, world_size, local_rank = int(procid), int(world), int(environ.get("SLURM_LOCALID") or 0)
+    except ValueError:
+        raise UserError(
+            f"SLURM's SLURM_PROCID={procid!r} / task count {world!r} / SLURM_LOCALID are not integers"
+        ) from None
+    if world_size <= 1:
+        return None
+    return rank, world_size, local_rank
+
+
+def slurm_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) derived from SLURM's.
+
+    Empty unless this is a task of a SLURM step of two or more tasks and torchrun's variables are absent
+    (torchrun started inside a SLURM job keeps its own). The rendezvous host is the first node of the
+    step (``SLURM_STEP_NODELIST``, else ``SLURM_JOB_NODELIST``), where SLURM puts task 0; the port comes
+    from ``SLURM_JOB_ID`` and ``SLURM_STEP_ID``, so every task of the step derives the same one without
+    talking. A MASTER_ADDR or MASTER_PORT the user exported wins.
+    """
+    environ = os.environ if environ is None else environ
+    task = _slurm_task(environ) if _torchrun_vars_absent(environ) else None
+    if task is None:
+        return {}
+    rank, world_size, local_rank = task
+    env = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank)}
+    nodelist = next(
+        (environ[k] for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if environ.get(k)), ""
+    )
+    env["MASTER_ADDR"] = environ.get("MASTER_ADDR") or first_host(nodelist)
+    env["MASTER_PORT"] = environ.get("MASTER_PORT") or str(
+        slurm_port(environ.get("SLURM_JOB_ID", ""), environ.get("SLURM_STEP_ID", ""))
+    )
+    return env
+
+
+def under_slurm() -> bool:
+    """True in a task of a multi-task SLURM step that is a rank of its own (no torchrun in between)."""
+    return _torchrun_vars_absent(os.environ) and _slurm_task(os.environ) is not None
+
+
+def slurm_port(job_id: str, step_id: str = "") -> int:
+    """The rendezvous port of a SLURM job step: the same in all its tasks, different for neighbouring jobs."""
+    try:
+        job = int(job_id)
+    except ValueError:
+        raise UserError(
+            f"SLURM_JOB_ID={job_id!r} is not a job number, so the ranks cannot agree on a port; export MASTER_PORT"
+        ) from None
+    step = int(step_id) if step_id.isdigit() else 0  # the batch step has none, or a name
+    return _SLURM_PORT_BASE + (job % _SLURM_PORT_JOBS) * _SLURM_PORT_STEPS + step % _SLURM_PORT_STEPS
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``node[01-04,07],gpu5`` -> ``node01``."""
+    host = next(hostnames(nodelist), None)
+    if host is None:
+        raise UserError(f"SLURM's node list {nodelist!r} is empty; export MASTER_ADDR=<host of task 0>")
+    return host
+
+
+def hostnames(nodelist: str) -> Iterator[str]:
+    """The hosts of a SLURM node list, in order, without asking ``scontrol``.
+
+    The compressed form is a comma-separated list of names, each with any number of bracketed ranges:
+    ``node[01-04,07]`` is node01..node04 and node07 (zero padding kept), ``rack[1-2]-n[1-2]`` every
+    combination. The whole list is checked first (a malformed one raises :class:`UserError`), then hosts
+    are made one at a time: the first host of ``n[1-99999999]`` costs nothing.
+    """
+    names: list[list[list[tuple[int, int, int]] | str]] = []
+    for name in _split_top_level(nodelist.strip(), nodelist):
+        parts: list[list[tuple[int, int, int]] | str] = []
+        for match in re.finditer(r"([^\[\]]*)(?:\[([^\[\]]*)\])?", name):
+            literal, ranges = match.groups()
+            if literal:
+                parts.append(literal)
+            if ranges is not None:
+                parts.append(_parse_ranges(ranges, nodelist))
+        names.append(parts)
+    for parts in names:
+        yield from _combine(parts, "")
+
+
+def _combine(parts: list[list[tuple[int, int, int]] | str], prefix: str) -> Iterator[str]:
+    if not parts:
+        yield prefix
+        return
+    first, rest = parts[0], parts[1:]
+    if isinstance(first, str):
+        yield from _combine(rest, prefix + first)
+        return
+    for low, high, width in first:
+        for number in range(low, high + 1):
+            yield from _combine(rest, prefix + str(number).zfill(width))
+
+
+def _split_top_level(text: str, nodelist: str) -> list[str]:
+    """Split at the commas outside brackets, checking that brackets pair up."""
+    names, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            names.append(text[start:i])
+            start = i + 1
+        if depth not in (0, 1):
+            raise UserError(f"SLURM's node list {nodelist!r} has unbalanced brackets")
+    if depth:
+        raise UserError(f"SLURM's node list {nodelist!r} has unbalanced brackets")
+    names.append(text[start:])
+    for name in names:
+        if not name.strip() and text:
+            raise UserError(f"SLURM's node list {nodelist!r} has an empty host name")
+    return [name.strip() for name in names if name.strip()]
+
+
+def _parse_ranges(ranges: str, nodelist: str) -> list[tuple[int, int, int]]:
+    """``01-04,07`` -> [(1, 4, 2), (7, 7, 2)]: (first, last, width), the width of the first number kept."""
+    out = []
+    for item in ranges.split(","):
+        low, sep, high = item.strip().partition("-")
+        if not low.isdigit() or (sep and not high.isdigit()) or (sep and int(high) < int(low)):
+            raise UserError(f"SLURM's node list {nodelist!r} has a bad range [{ranges}]")
+        out.append((int(low), int(high or low), len(low)))
+    return out
 
 
 def under_torchrun() -> bool:
@@ -66,12 +230,18 @@ def launch_id() -> str:
 
     Under torchrun it comes from the agent (the workers' parent): its start time and the
     rendezvous id, which torchrun keeps across elastic restarts, so a restarted worker finds
-    the run directory of its first attempt. Outside torchrun it is this process's start time.
+    the run directory of its first attempt. In a multi-task SLURM step (no torchrun) it is
+    ``slurm-<job id>.<step id>``. Otherwise it is this process's start time.
     ``DTRAIN_RUN_ID`` overrides both (for multi-node jobs: every node must agree).
     """
     explicit = os.environ.get("DTRAIN_RUN_ID")
     if explicit:
         return explicit
+    if not under_torchrun() and under_slurm():
+        # Every task of the step, on every node, and the same step after SLURM requeues the job (which
+        # keeps its id), so a requeued job resumes from its checkpoints. No clock: tasks start apart.
+        step = os.environ.get("SLURM_STEP_ID", "")
+        return f"slurm-{os.environ.get('SLURM_JOB_ID', 'job')}" + (f".{step}" if step else "")
     if under_torchrun():
         agent = os.getppid()
         started = _process_start_time(agent) or time.time()
@@ -121,12 +291,14 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 
 def setup(device_choice: str, backend_choice: str, timeout_s: float, checkpoint_timeout_s: float) -> DistEnv:
-    """Read torchrun's environment, pick the device, and initialise the process group if world > 1.
+    """Read torchrun's environment (or SLURM's), pick the device, and initialise the process group if world > 1.
 
     Every collective fails after ``timeout_s`` (``checkpoint_timeout_s`` around checkpoints) instead of
     waiting forever for a rank that died or hangs; with NCCL, asynchronous error handling tears the
     process down on such a failure rather than leaving it stuck in a kernel.
     """
+    for name, value in slurm_env().items():  # a SLURM task: torchrun's variables, for env:// below
+        os.environ.setdefault(name, value)
     rank = env_rank()
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
