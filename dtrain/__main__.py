@@ -89,8 +89,11 @@ def _run_job(cfg: DictConfig) -> float:
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     worst = -math.inf if OmegaConf.select(cfg, "objective.mode") == "max" else math.inf
     try:
-        if sweeping and dist.under_torchrun():
-            raise UserError("a sweep (-m) runs trials, not ranks: start it outside torchrun (python -m dtrain -m ...)")
+        if sweeping and (dist.under_torchrun() or dist.under_slurm()) and not placed_by_submitit():
+            raise UserError(
+                "a sweep (-m) runs trials, not ranks: start it outside torchrun/srun (python -m dtrain -m ...); "
+                "hydra/launcher=torchrun or hydra/launcher=slurm gives each trial its ranks"
+            )
         config = load(cfg)
         from dtrain.run import train  # the trainer (and torch's heavier parts) only once the config is good
 
@@ -118,6 +121,12 @@ def _run_job(cfg: DictConfig) -> float:
 
         log.info("%s", summary.get("_table") or summary_table(summary, summary["_run_dir"]))
     return objective_value(summary, config.objective.metric, config.objective.mode)
+
+
+def placed_by_submitit() -> bool:
+    """Whether hydra-submitit-launcher started this job: then this process is one rank of one trial."""
+    target = OmegaConf.select(HydraConfig.get(), "launcher._target_", default="")
+    return str(target).startswith("hydra_plugins.hydra_submitit_launcher.")
 
 
 def remove_if_empty(run_dir: Path) -> None:

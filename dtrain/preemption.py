@@ -20,7 +20,8 @@ import torch.distributed as torch_dist
 from dtrain.dist import DistEnv, current_op
 
 log = logging.getLogger("dtrain")
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGUSR2: hydra-submitit-launcher's time-limit signal (SLURM sends it signal_delay_s before the limit).
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Preemption:
@@ -40,9 +41,15 @@ class Preemption:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)  # type: ignore[arg-type]
+        previous = dict(self._previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
         self._previous.clear()
+        # The handler we displaced gets the signal once the checkpoint is saved: under submitit, task 0's
+        # handler requeues the trial's job, which then resumes from that checkpoint.
+        displaced = previous.get(self.received) if self.received is not None else None
+        if callable(displaced) and exc[0] is None:
+            displaced(self.received, None)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ok, launch, run_dtrain
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -24,6 +23,7 @@ from dtrain.population.members import expand_members, member_values
 from dtrain.population.run import build_stacked
 from dtrain.run import train
 from dtrain.train.objective import loss_fn
+from tests.conftest import assert_ok, launch, run_dtrain
 
 
 def compose_config(*overrides: str) -> Config:
@@ -246,7 +246,7 @@ def test_the_leaderboard_ranks_members_by_the_objective(population_run) -> None:
 
 
 def test_each_member_has_its_own_tensorboard_run_with_hparams(population_run) -> None:
-    from tb import scalars
+    from tests.tb import scalars
 
     rows = list(csv.DictReader((population_run.run_dir / "population.csv").open()))
     for row in rows[:2]:

@@ -23,6 +23,8 @@ def test_wheel_ships_conf_and_runs_outside_the_checkout(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "dtrain/conf/config.yaml" in names
     assert "dtrain/conf/experiment/seed_good.yaml" in names
+    assert "dtrain/conf/hydra/launcher/slurm.yaml" in names
+    assert "hydra_plugins/dtrain_torchrun_launcher/torchrun_launcher.py" in names
 
     # A fresh environment that borrows torch & co. from this one but holds its own copy of dtrain.
     env_dir = tmp_path / "venv"
@@ -45,6 +47,16 @@ def test_wheel_ships_conf_and_runs_outside_the_checkout(tmp_path: Path) -> None:
         env=cli_env(),
     ).stdout.split()
     assert all(str(env_dir) in path for path in where), where
+    # Hydra finds the torchrun launcher plugin in the installed wheel (the hydra_plugins namespace).
+    discover = (
+        "import inspect; from hydra.core.plugins import Plugins; from hydra.plugins.launcher import Launcher; "
+        "print(*[inspect.getfile(c) for c in Plugins.instance().discover(Launcher) "
+        "if c.__name__ == 'TorchrunLauncher'])"
+    )
+    found = subprocess.run(
+        [str(python), "-c", discover], cwd=elsewhere, check=True, capture_output=True, text=True, env=cli_env()
+    ).stdout.split()
+    assert len(found) == 1 and str(env_dir) in found[0], found
 
     proc = subprocess.run(
         [str(python), "-m", "dtrain", "experiment=poly2d", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'run'}"],

@@ -25,13 +25,13 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dtrain import dist
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, ConfigError, load
 from dtrain.errors import UserError
@@ -261,8 +261,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rise", type=float, default=1.1, help="final/lowest loss that counts as rising (1.1)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default outputs/lr-find/<time>)")
     args, overrides = parser.parse_known_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("lr-find runs in one process: start it with dtrain lr-find, not under torchrun")
+    if dist.under_torchrun() or dist.under_slurm():
+        raise UserError("lr-find runs in one process: start it with dtrain lr-find, not under torchrun or srun")
     if not 0 < args.min < args.max or not math.isfinite(args.max):
         raise UserError(f"--min={args.min:g} --max={args.max:g}: need 0 < min < max")
     for flag in ("members", "steps"):
