@@ -268,19 +268,17 @@ def test_the_best_members_preset_reruns_it_alone(population_run, tmp_path: Path)
 
 @pytest.mark.multiprocess
 def test_members_split_across_ranks_give_the_one_process_leaderboard(tmp_path: Path) -> None:
-    overrides = ("model=mlp", "model.hidden=[8]", "data=moons", "data.num_points=200", "optim=adam",
-                 "trainer.max_epochs=20", "trainer.precision=float64", "population.optim.lr=logspace:1e-3:1e-1:5",
+    """Rank 1's two members both diverge early while rank 0's train on: every rank still enters every
+    collective, and the leaderboard is the one-process one."""
+    overrides = ("model=mlp", "model.hidden=[8]", "data=sine", "data.num_points=200", "optim=sgd",
+                 "trainer.max_epochs=30", "trainer.precision=float64", "population.optim.lr=[1e-3,1e-2,0.1,1e3,1e4]",
                  "population.chunk=1")  # fmt: skip
     one = assert_ok(run_dtrain(tmp_path / "one", *overrides))
     two = assert_ok(run_dtrain(tmp_path / "two", *overrides, nproc=2))
-
-    def table(run) -> list[dict]:
-        rows = json.loads((run.run_dir / "population.json").read_text())["members"]
-        return [{k: v for k, v in row.items()} for row in rows]
-
-    assert table(one) == table(two)
+    one_rows = json.loads((one.run_dir / "population.json").read_text())["members"]
+    assert one_rows == json.loads((two.run_dir / "population.json").read_text())["members"]
+    assert [row["status"] for row in one_rows] == ["completed"] * 3 + ["diverged"] * 2
     assert two.metrics["world_size"] == 2 and two.metrics["population_size"] == 5
-    assert not (two.run_dir / "logs").exists() or not any((two.run_dir / "members").glob("*/logs"))
 
 
 # ---------------------------------------------------------------------------------------------

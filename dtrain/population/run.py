@@ -174,10 +174,13 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[s
         if gathered is not None:
             logger.scalars(step, gathered)
 
+    def any_training(local_answer: bool) -> bool:
+        flag = torch.tensor([float(local_answer)], device=env.device)
+        return bool(dist.all_reduce_sum(flag, env).item() > 0)
+
     try:
-        fit = fit_population(
-            model, local, data, batches, config.trainer, config.optim.name, config.optim.nesterov, report
-        )
+        sections = config.trainer, config.optim.name, config.optim.nesterov
+        fit = fit_population(model, local, data, batches, *sections, report, any_training)
         results = _gather_fit(fit, env)
         summary: dict[str, Any] = {}
         if env.is_main:

@@ -34,6 +34,9 @@ from dtrain.train.objective import metric_sums
 
 # (step, {tag: one value per local member}): called at logging steps and evaluations.
 Report = Callable[[int, dict[str, list[float]]], None]
+# Whether any member, on any rank, still trains, given this rank's answer (a collective under torchrun,
+# so it is asked at logging steps only, where every rank asks it).
+AnyTraining = Callable[[bool], bool]
 
 
 @dataclass
@@ -116,6 +119,7 @@ def fit_population(
     optim_name: str,
     nesterov: bool,
     report: Report,
+    any_training: AnyTraining = lambda local: local,
 ) -> PopulationFit:
     """Train this rank's ``members`` (stacked in ``model``) together on the full training data."""
     params = model.params
@@ -147,7 +151,7 @@ def fit_population(
     began = last_log = time.perf_counter()
     aside = 0.0  # seconds spent evaluating: left out of the throughput, as in a single run
     model.train(True)
-    step, epoch = 0, 0
+    step, epoch, stopped = 0, 0, False
     while step < total_steps:
         for micro_batches in batches.epoch(epoch):
             step += 1
@@ -198,7 +202,8 @@ def fit_population(
                 report(step, values)
                 loss_sum.zero_()
                 steps_since_log, last_log, aside = 0, now, 0.0
-                if not bool(active.any()):
+                if not any_training(any(active_now)):
+                    stopped = True  # every member diverged: nothing left to train
                     break
             if (trainer.eval_every and step % trainer.eval_every == 0) or step == total_steps:
                 started = time.perf_counter()
@@ -211,7 +216,7 @@ def fit_population(
             if step == total_steps:
                 break
         epoch += 1
-        if not bool(active.any()):
+        if stopped:
             break
     wall = time.perf_counter() - began
     frozen = frozen_at.tolist()
