@@ -7,8 +7,10 @@
 #
 # NNODES          number of nodes, or MIN:MAX for an elastic job (the world size may change at a restart)
 # NODE_RANK       0 on the node that hosts the rendezvous at RDZV_ENDPOINT, 1, 2, ... on the others.
-#                 With c10d the rendezvous numbers the ranks itself: NODE_RANK only says who hosts, which
-#                 torchrun would otherwise guess from host names (and get wrong behind NAT or on one host)
+#                 The c10d rendezvous numbers the ranks itself: NODE_RANK only says who hosts it, which
+#                 torchrun would otherwise guess by matching RDZV_ENDPOINT's host against this node's names
+#                 and addresses (a guess that a service name or a NAT address defeats). Under srun it
+#                 defaults to the task's SLURM_NODEID
 # RDZV_ENDPOINT   HOST:PORT of node 0, reachable from every node
 # RDZV_ID         the job's name, the same on every node and new for every job: it names the rendezvous
 #                 and the run directory (DTRAIN_RUN_ID: outputs/RDZV_ID unless hydra.run.dir=... is given),
@@ -19,6 +21,8 @@
 #
 # The arguments are dtrain's Hydra overrides. Keep hydra.run.dir on storage every node can read.
 set -euo pipefail
+
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-}}
 
 die() {
   echo "multinode.sh: error: $*" >&2
@@ -51,10 +55,18 @@ fi
 [[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE=$NPROC_PER_NODE: expected a number of ranks (1 or more)"
 
 is_host=false
-[[ $NODE_RANK == 0 ]] && is_host=true
+if ((NODE_RANK == 0)); then
+  is_host=true
+fi
 
 # Every node names the run directory after the job, whichever node's worker becomes rank 0 after a restart.
 export DTRAIN_RUN_ID=${DTRAIN_RUN_ID:-$RDZV_ID}
+
+# A new store for each attempt's workers rather than the agent's rendezvous store: with the shared one
+# (torch's default), a node that replaces a dead one waits until it times out for a store address that the
+# surviving rank-0 agent published for the first attempt only ("wait timeout after 60000ms, keys:
+# /torch.rendezvous.<id>.1/MASTER_ADDR"), and the job cannot recover.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 overrides=()
 if ((min_nodes != max_nodes)); then

@@ -34,42 +34,21 @@ X = torch.randn(8, 3, generator=_data, dtype=torch.float64)
 Y = torch.randn(8, generator=_data, dtype=torch.float64)
 
 # Per-member hyperparameters: zero and nonzero momentum and weight decay, beta1 = 0 (no first moment), a large eps.
+SGD_LR = [0.05, 0.1, 0.02, 0.08, 0.03]
+SGD_HPARAMS = {"momentum": [0.0, 0.9, 0.5, 0.0, 0.99], "weight_decay": [0.0, 0.0, 1e-2, 0.1, 1e-3]}
+ADAM_LR = [1e-2, 3e-2, 5e-3, 2e-2, 1e-3]
+ADAM_HPARAMS = {
+    "beta1": [0.9, 0.8, 0.0, 0.95, 0.5],
+    "beta2": [0.999, 0.99, 0.9, 0.9999, 0.95],
+    "eps": [1e-8, 1e-6, 1e-3, 1e-10, 1e-8],
+    "weight_decay": [0.0, 1e-2, 0.1, 0.0, 0.5],
+}
 CASES: dict[str, tuple[str, bool, list[float], dict[str, list[float]]]] = {
-    "sgd": (
-        "sgd",
-        False,
-        [0.05, 0.1, 0.02, 0.08, 0.03],
-        {"momentum": [0.0, 0.9, 0.5, 0.0, 0.99], "weight_decay": [0.0, 0.0, 1e-2, 0.1, 1e-3]},
-    ),
-    "sgd-nesterov": (
-        "sgd",
-        True,
-        [0.05, 0.1, 0.02, 0.08, 0.03],
-        {"momentum": [0.0, 0.9, 0.5, 0.0, 0.99], "weight_decay": [0.0, 0.0, 1e-2, 0.1, 1e-3]},
-    ),
-    "adam": (
-        "adam",
-        False,
-        [1e-2, 3e-2, 5e-3, 2e-2, 1e-3],
-        {
-            "beta1": [0.9, 0.8, 0.0, 0.95, 0.5],
-            "beta2": [0.999, 0.99, 0.9, 0.9999, 0.95],
-            "eps": [1e-8, 1e-6, 1e-3, 1e-10, 1e-8],
-            "weight_decay": [0.0, 1e-2, 0.1, 0.0, 0.5],
-        },
-    ),
-    "adamw": (
-        "adamw",
-        False,
-        [1e-2, 3e-2, 5e-3, 2e-2, 1e-3],
-        {
-            "beta1": [0.9, 0.8, 0.0, 0.95, 0.5],
-            "beta2": [0.999, 0.99, 0.9, 0.9999, 0.95],
-            "eps": [1e-8, 1e-6, 1e-3, 1e-10, 1e-8],
-            "weight_decay": [0.0, 1e-2, 0.1, 0.0, 0.5],
-        },
-    ),
-    "adamw-defaults": ("adamw", False, [1e-2, 3e-2, 5e-3, 2e-2, 1e-3], {}),  # torch.optim's defaults on both sides
+    "sgd": ("sgd", False, SGD_LR, SGD_HPARAMS),
+    "sgd-nesterov": ("sgd", True, SGD_LR, SGD_HPARAMS),
+    "adam": ("adam", False, ADAM_LR, ADAM_HPARAMS),
+    "adamw": ("adamw", False, ADAM_LR, ADAM_HPARAMS),
+    "adamw-defaults": ("adamw", False, ADAM_LR, {}),  # torch.optim's defaults on both sides
 }
 # Clipping limits per member: +inf (never clipped) next to limits that the gradients exceed.
 MAX_NORM = [math.inf, 0.05, 1.0, 0.2, math.inf]
