@@ -552,6 +552,7 @@ def check(config: Config) -> None:
         )
     _require(config.resume.strip() != "", "resume='' is empty; use auto, never, or a checkpoint path")
 
+    _require(config.population.size >= 1, f"population.size={config.population.size} must be at least 1")
     _one_of("objective.mode", config.objective.mode, ("min", "max"))
     _require(
         config.objective.metric == "auto" or "/" in config.objective.metric,

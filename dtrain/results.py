@@ -31,6 +31,16 @@ def objective_value(summary: Mapping[str, Any], metric: str = "auto", mode: str 
     return float(value)
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (a diverged loss), also inside dicts and lists, as None: what
+    strict JSON can hold."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     """A run directory's ``metrics.json``; empty when the run wrote none (it failed before the end)."""
     try:

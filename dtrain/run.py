@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from dtrain import checkpoint, dist
 from dtrain.atomic import write_atomic
-from dtrain.config import Config, as_yaml, to_plain
+from dtrain.config import Config, ConfigError, as_yaml, to_plain
 from dtrain.data import DataSet, ShardedBatches, build_dataset
 from dtrain.errors import PeerFailure, UserError
 from dtrain.faults import Faults
@@ -25,6 +24,7 @@ from dtrain.models import build_model
 from dtrain.models.graph import GraphModel
 from dtrain.population.run import is_population, train_population
 from dtrain.preemption import Preemption
+from dtrain.results import finite_or_none
 from dtrain.train.logger import RunLogger, log_to_rank_file
 from dtrain.train.state import Checkpointer, prepare_resume
 from dtrain.train.trainer import TrainResult, fit, param_dtype
@@ -82,6 +82,7 @@ def _train(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
         return train_population(config, run_dir, env)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     data = build_dataset(config.data, config.seed).to(env.device, param_dtype(config.trainer.precision))
+    check_objective(config, data)
     model = build_initial_model(config, data)
     batches = ShardedBatches(
         data.train,
@@ -137,6 +138,19 @@ def _train(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
     return summary | {"_message": result.message, "_run_dir": str(run_dir)}
 
 
+def check_objective(config: Config, data: DataSet) -> None:
+    """Refuse, before any training, an ``objective.metric`` this run will not produce (a typo would otherwise
+    score every trial and member as the worst, silently)."""
+    metric = config.objective.metric
+    if metric == "auto":
+        return
+    names = ["loss", "accuracy"] if data.task == "classification" else ["loss"]
+    produced = ["train/loss", "lr", "grad_norm/total"]
+    produced += [f"val/{name}_{suffix}" if suffix else f"val/{name}" for suffix in data.val for name in names]
+    if metric not in produced:
+        raise ConfigError(f"objective.metric={metric!r} is not a metric of this run; it has: {', '.join(produced)}")
+
+
 def build_initial_model(config: Config, data: DataSet) -> torch.nn.Module:
     """The model with its initial weights, drawn from ``init_seed`` (or ``seed``): the same on every rank."""
     torch.manual_seed(config.seed if config.init_seed is None else config.init_seed)
@@ -178,8 +192,7 @@ def results_summary(result: TrainResult, world_size: int) -> dict[str, Any]:
 
 def metrics_json(summary: dict[str, Any]) -> str:
     """Strict JSON: a non-finite value (a diverged loss) is written as null."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
-    return json.dumps(clean, indent=2, allow_nan=False) + "\n"
+    return json.dumps(finite_or_none(summary), indent=2, allow_nan=False) + "\n"
 
 
 def _state_bytes(model: torch.nn.Module) -> bytes:

@@ -80,6 +80,12 @@ def test_a_grid_has_one_member_per_combination_and_a_list_sets_the_size() -> Non
         (["population.optim.lr=[0.1,-0.2]"], "population member 1 (optim.lr=-0.2): optim.lr=-0.2 must be a positive"),
         (["population.grid=true", "population.optim.lr=uniform:0:1"], "random draws are not a grid axis"),
         (["population.size=2", "population.optim.lr=uniform:0:1:2"], "random draws take no count"),
+        (["population.optim.lr=[a,b]"], "population.optim.lr: 'a' in ['a', 'b'] is not a number"),
+        (["population.optim.lr=[0.1,true]"], "True in [0.1, True] is not a number"),
+        (["population.optim.lr=[0.1,0.2]", "population.optim.weight_decay=[0,0,0]"], "lists disagree"),
+        (["population.optim.lr=logspace:1e-3:1:2.5"], "the count N=2.5 must be a whole number"),
+        (["optim=adam", "population.optim.momentum=[0.5,0.9]"], "optim=adam does not use optim.momentum"),
+        (["population.schedule.decay=[0.9,0.99]"], "schedule=constant does not use schedule.decay"),
     ],
 )
 def test_bad_member_values_name_the_value(overrides: list[str], message: str) -> None:
@@ -174,8 +180,21 @@ SMALL_MLP = (
             "population.optim.weight_decay=[0.0,0.1,0.01]",
             "population.init_seed=[3,4,5]",
         ),
+        (
+            "optim=adam",
+            "schedule=exp_decay",
+            "schedule.interval=epoch",
+            "schedule.decay=0.8",
+            "trainer.clip_grad_value=0.05",
+            "trainer.grad_accum_steps=2",
+            "trainer.max_steps=21",
+            "trainer.eval_every=5",
+            "checkpoint.every_n_steps=4",
+            "population.optim.lr=[1e-2,3e-2]",
+            "population.schedule.min_lr=[1e-4,1e-3]",
+        ),
     ],
-    ids=["sgd-momentum-clipping", "adamw-seeds"],
+    ids=["sgd-momentum-clipping", "adamw-seeds", "adam-epoch-schedule-value-clipping-accumulation"],
 )
 def test_each_member_equals_its_single_run(tmp_path: Path, varied: tuple[str, ...]) -> None:
     config = compose_config(*SMALL_MLP, *varied)
@@ -184,7 +203,7 @@ def test_each_member_equals_its_single_run(tmp_path: Path, varied: tuple[str, ..
     for i, member in enumerate(expand_members(config)):
         single = train(member.config, tmp_path / f"single{i}")
         assert single["status"] == "completed"
-        for tag in ("train/loss", "val/loss"):
+        for tag in ("train/loss", "val/loss", "grad_norm/total", "lr"):
             assert results["metrics"][i][tag] == pytest.approx(single[tag], rel=1e-10), (i, tag)
 
 
@@ -308,6 +327,33 @@ def test_lr_find_finds_the_stability_limit_of_the_surface(tmp_path: Path) -> Non
     assert finding["configured"] == 0.01 and finding["configured_loss"] > finding["best_loss"]
     assert (tmp_path / "lr_find.png").stat().st_size > 10_000
     assert "largest stable rate" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.precision=bf16-mixed", "a population trains in float32 or float64"),
+        ("trainer.compile=true", "does not apply to a population"),
+        ("fault.kind=nan", "fault injection is for single runs"),
+        ("trainer.on_nonfinite=skip", "a population freezes a member that goes non-finite"),
+        ("objective.metric=val/los", "objective.metric='val/los' is not a metric of this run; it has: train/loss"),
+    ],
+)
+def test_what_a_population_cannot_do_is_refused_before_training(tmp_path: Path, override: str, message: str) -> None:
+    config = compose_config("population.optim.lr=[0.1,0.2]", override)
+    with pytest.raises(ConfigError) as caught:
+        train(config, tmp_path / "run")
+    assert message in str(caught.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_population_whose_members_all_diverge_ends_diverged_without_a_preset(tmp_path: Path) -> None:
+    config = compose_config("data.val_fraction=0", "trainer.precision=float64", "population.optim.lr=[100.0,200.0]")
+    summary = train(config, tmp_path / "run")
+    assert summary["status"] == "diverged" and summary["_results"]["status"] == ["diverged", "diverged"]
+    assert summary["_results"]["steps"][0] < 100  # stopped once no member trained, not at max_epochs
+    assert not (tmp_path / "run" / "experiment").exists()
+    assert json.loads((tmp_path / "run" / "population.json").read_text())["best"] is None
 
 
 def test_population_refuses_what_it_cannot_do(tmp_path: Path) -> None:

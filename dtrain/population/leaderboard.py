@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, to_plain
 from dtrain.population.members import Member, describe
-from dtrain.results import objective_metric, objective_value
+from dtrain.results import finite_or_none, objective_metric, objective_value
 
 # The config sections a rerun needs; the rest (dist, checkpoint, resume, fault) keep their defaults.
 PRESET_SECTIONS = ("seed", "init_seed", "model", "data", "optim", "schedule", "trainer", "objective")
@@ -53,10 +53,6 @@ def make_rows(members: list[Member], status: list[str], steps: list[int], metric
     return rows
 
 
-def _clean(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def member_name(index: int, size: int) -> str:
     """``m007``: zero-padded so the members sort in order in TensorBoard's run list."""
     return f"m{index:0{max(3, len(str(size - 1)))}d}"
@@ -75,9 +71,9 @@ def write_leaderboard(run_dir: Path, ranked: list[Row], config: Config) -> None:
             "run": f"members/{member_name(row.member.index, size)}",
             "status": row.status,
             "steps": row.steps,
-            "objective": _clean(row.objective),
+            "objective": finite_or_none(row.objective),
             **{key: row.member.values[key] for key in varied},
-            **{name: _clean(row.metrics.get(name)) for name in metric_names},
+            **{name: finite_or_none(row.metrics.get(name)) for name in metric_names},
         }
         for place, row in enumerate(ranked, start=1)
     ]
@@ -90,7 +86,7 @@ def write_leaderboard(run_dir: Path, ranked: list[Row], config: Config) -> None:
         "objective": {"metric": metric, "mode": config.objective.mode},
         "varied": varied,
         "best": records[0] if records and ranked[0].status == "completed" else None,
-        "rerun_best": rerun_command(run_dir),
+        "rerun_best": rerun_command(run_dir) if records and ranked[0].status == "completed" else None,
         "members": records,
     }
     write_atomic(run_dir / "population.json", (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())

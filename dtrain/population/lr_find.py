@@ -35,6 +35,7 @@ from dtrain import dist
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, ConfigError, load
 from dtrain.errors import UserError
+from dtrain.results import finite_or_none
 
 HESSIAN_MAX_PARAMS = 2000  # an exact Hessian beyond this costs more than the search itself
 
@@ -133,6 +134,23 @@ def hessian_lambda_max(config: Config) -> float | None:
     return float(torch.linalg.eigvalsh((hessian + hessian.T) / 2)[-1])
 
 
+def plain_gradient_descent(config: Config) -> bool:
+    """Full-batch SGD without momentum, weight decay, clipping, dropout or a moving schedule: where
+    ``2 / lambda_max`` of the loss's Hessian is gradient descent's stability limit."""
+    optim, trainer, schedule = config.optim, config.trainer, config.schedule
+    return (
+        optim.name == "sgd"
+        and optim.momentum == 0
+        and optim.weight_decay == 0
+        and trainer.batch_size is None
+        and trainer.clip_grad_norm is None
+        and trainer.clip_grad_value is None
+        and schedule.name == "constant"
+        and schedule.warmup == 0
+        and getattr(config.model, "dropout", 0.0) == 0
+    )
+
+
 def population_config(config: Config, rates: list[float], steps: int) -> Config:
     """``config`` as a population with one member per rate, trained for ``steps`` steps."""
     pop = dataclasses.replace(
@@ -155,10 +173,7 @@ def run_round(config: Config, rates: list[float], steps: int, out: Path) -> list
     """Train one population over ``rates``; each member's loss record."""
     from dtrain.run import train
 
-    summary = train(population_config(config, rates, steps), out)
-    results = summary.get("_results")
-    if results is None:  # another rank: rank 0 reports
-        return []
+    results = train(population_config(config, rates, steps), out)["_results"]
     return [
         Trial(lr, first, lowest, last, status)
         for lr, first, lowest, last, status in zip(
@@ -190,7 +205,7 @@ def plot(trials: list[Trial], finding: Finding, rise: float, path: Path) -> None
         (finding.diverges_at, "tab:red", "diverges"),
         (finding.configured, "tab:gray", "configured optim.lr"),
     ]
-    if finding.hessian_lambda_max:
+    if finding.hessian_lambda_max and finding.hessian_lambda_max > 0:
         marks.append((2 / finding.hessian_lambda_max, "black", "2 / Hessian lambda_max"))
     for rate, colour, label in marks:
         if rate is not None:
@@ -219,31 +234,22 @@ def describe(finding: Finding) -> list[str]:
         + (f"  (final loss {finding.best_loss:.5g})" if finding.best_loss is not None else ""),
         f"diverges at           {rate(finding.diverges_at, 'not within the range tried: raise --max')}",
     ]
-    if finding.hessian_lambda_max:
+    if finding.hessian_lambda_max and finding.hessian_lambda_max > 0:
         limit = 2 / finding.hessian_lambda_max
         lines.append(
             f"Hessian lambda_max    {finding.hessian_lambda_max:.5g} at the initial weights: gradient descent is "
             f"stable below 2/lambda_max = {limit:.4g}"
         )
     configured = f"configured optim.lr   {finding.configured:.4g}"
-    if finding.configured_loss is not None and finding.best is not None and finding.best_loss:
-        configured += (
-            f": final loss {finding.configured_loss:.5g}, {finding.configured_loss / finding.best_loss:.3g}x the "
-            f"best's; the best rate is {finding.best / finding.configured:.3g}x larger"
-        )
-    elif finding.configured_loss is None:
+    if finding.configured_loss is None:
         configured += ": unstable"
+    else:
+        configured += f": final loss {finding.configured_loss:.5g}"
+        if finding.best is not None and finding.best_loss:
+            ratio = finding.configured_loss / finding.best_loss
+            configured += f", {ratio:.3g}x the best's; the best rate is {finding.best / finding.configured:.3g}x larger"
     lines.append(configured)
     return lines
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by None: strict JSON."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def main(argv: list[str]) -> int:
@@ -268,8 +274,8 @@ def main(argv: list[str]) -> int:
     for flag in ("members", "steps"):
         if getattr(args, flag) < 2:
             raise UserError(f"--{flag}={getattr(args, flag)} must be at least 2")
-    if args.refine < 0 or args.rise < 1:
-        raise UserError(f"--refine={args.refine} must be >= 0 and --rise={args.rise:g} >= 1")
+    if args.refine < 0 or not (math.isfinite(args.rise) and args.rise >= 1):
+        raise UserError(f"--refine={args.refine} must be >= 0 and --rise={args.rise:g} a number >= 1")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         config = load(compose(config_name="config", overrides=overrides))
     from dtrain.population.members import varied_specs
@@ -283,18 +289,13 @@ def main(argv: list[str]) -> int:
     trials = run_round(config, rates, args.steps, out / "round0")
     rise = args.rise
     for round_index in range(1, args.refine + 1):
-        if not trials:
-            break
         found = analyse(trials, rise, configured, None)
         if found.largest_stable is None or found.diverges_at is None:
             break
         low, high = found.largest_stable, found.diverges_at
         inner = [low + (high - low) * (i + 1) / (args.members + 1) for i in range(args.members)]
         trials += run_round(config, inner, args.steps, out / f"round{round_index}")
-    if not trials:
-        return 0
-    simple_gd = config.optim.name == "sgd" and config.optim.momentum == 0 and config.trainer.batch_size is None
-    hessian = hessian_lambda_max(config) if simple_gd else None
+    hessian = hessian_lambda_max(config) if plain_gradient_descent(config) else None
     finding = analyse(trials, rise, configured, hessian)
     plot(trials, finding, rise, out / "lr_find.png")
     record: dict[str, Any] = {
@@ -303,12 +304,14 @@ def main(argv: list[str]) -> int:
         "steps": args.steps,
         "trials": [dataclasses.asdict(t) | {"stable": t.stable(rise)} for t in sorted(trials, key=lambda t: t.lr)],
     }
-    write_atomic(out / "lr_find.json", (json.dumps(_finite(record), indent=2, allow_nan=False) + "\n").encode())
+    write_atomic(out / "lr_find.json", (json.dumps(finite_or_none(record), indent=2, allow_nan=False) + "\n").encode())
     print(
         f"lr-find: model={config.model.name} data={config.data.name} optim={config.optim.name}, "
         f"{len(trials)} rates x {args.steps} steps"
     )
     for line in describe(finding):
         print(f"  {line}")
+    if config.trainer.batch_size is not None:
+        print("  note: with mini-batches each loss compared is one batch's; full batch (the default) is steadier")
     print(f"  plot                  {out / 'lr_find.png'}")
     return 0

@@ -50,7 +50,7 @@ class Member:
 
 
 def varied_specs(config: Config) -> dict[str, Any]:
-    """``population.<key>`` values that are set, by key (``optim.lr``, ..., ``seed``), in VARIED_KEYS order."""
+    """``population.<key>`` values that are set, by key (``optim.lr``, ..., ``init_seed``), in VARIED_KEYS order."""
     pop = config.population
     specs: dict[str, Any] = {}
     for key in VARIED_KEYS:
@@ -73,6 +73,9 @@ def _axis(key: str, spec: Any, count: int | None, draw: random.Random, base_seed
     if isinstance(spec, list | tuple):
         if not spec:
             raise ConfigError(f"population.{key}=[] is empty; give one value per member")
+        for value in spec:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"population.{key}: {value!r} in {list(spec)} is not a number")
         return list(spec)
     if isinstance(spec, str) and key == "init_seed" and spec == "each":
         if count is None:
@@ -92,13 +95,14 @@ def _axis(key: str, spec: Any, count: int | None, draw: random.Random, base_seed
     if len(parts) == 4:
         if kind.endswith("uniform"):
             raise ConfigError(f"population.{key}={spec!r}: random draws take no count; the population size sets it")
-        n = int(_number(key, parts[3], spec))
+        number = _number(key, parts[3], spec)
+        if not (number.is_integer() and number >= 1):
+            raise ConfigError(f"population.{key}={spec!r}: the count N={parts[3]} must be a whole number, 1 or more")
+        n = int(number)
         if count is not None and n != count:
             raise ConfigError(f"population.{key}={spec!r} gives {n} values for {count} members")
     if n is None:
         raise ConfigError(f"population.{key}={spec!r} needs a count on a grid: {kind}:{parts[1]}:{parts[2]}:N")
-    if n < 1:
-        raise ConfigError(f"population.{key}={spec!r} must give at least one value")
     if kind == "loguniform":
         return [math.exp(draw.uniform(math.log(lo), math.log(hi))) for _ in range(n)]
     if kind == "uniform":
@@ -116,9 +120,10 @@ def _spec_length(spec: Any) -> int | None:
     parts = spec.split(":") if isinstance(spec, str) else []
     if len(parts) == 4 and parts[0] in ("logspace", "linspace"):
         try:
-            return int(float(parts[3]))
+            number = float(parts[3])
         except ValueError:
-            return None
+            return None  # _axis names the bad count
+        return int(number) if number.is_integer() and number >= 1 else None
     return None
 
 
@@ -135,11 +140,12 @@ def member_values(config: Config) -> list[dict[str, float | int]]:
         return points if specs else [{}]
     size = pop.size
     if size == 1:  # a list or a counted space alone says how many members there are
-        lengths = {n for n in (_spec_length(s) for s in specs.values()) if n is not None}
-        if len(lengths) == 1:
-            size = lengths.pop()
-    if size < 1:
-        raise ConfigError(f"population.size={pop.size} must be at least 1")
+        lengths = {key: n for key, n in ((k, _spec_length(s)) for k, s in specs.items()) if n is not None}
+        if len(set(lengths.values())) > 1:
+            given = ", ".join(f"population.{key} has {n}" for key, n in lengths.items())
+            raise ConfigError(f"the value lists disagree on the number of members: {given}")
+        if lengths:
+            size = next(iter(lengths.values()))
     axes = {key: _axis(key, spec, size, draw, config.seed) for key, spec in specs.items()}
     for key, values in axes.items():
         if len(values) != size:
@@ -176,8 +182,36 @@ def member_config(config: Config, values: dict[str, float | int]) -> Config:
     )
 
 
+# Varied keys that only some optimizers or schedules read: varying one the run does not use would give
+# identical members.
+USED_BY = {
+    "optim.momentum": ("optim", ("sgd",)),
+    "optim.beta1": ("optim", ("adam", "adamw")),
+    "optim.beta2": ("optim", ("adam", "adamw")),
+    "optim.eps": ("optim", ("adam", "adamw")),
+    "schedule.decay": ("schedule", ("exp_decay",)),
+    "schedule.gamma": ("schedule", ("step",)),
+    "schedule.min_lr": ("schedule", ("exp_decay", "cosine")),
+}
+
+
+def check_used(config: Config, keys: list[str]) -> None:
+    """Refuse a varied key that the configured optimizer or schedule ignores."""
+    for key in keys:
+        if key not in USED_BY:
+            continue
+        section, users = USED_BY[key]
+        chosen = getattr(config, section).name
+        if chosen not in users:
+            raise ConfigError(
+                f"population.{key}: {section}={chosen} does not use {key}; it matters with {section}="
+                + " or ".join(users)
+            )
+
+
 def expand_members(config: Config) -> list[Member]:
     """The population's members, each checked as a run of its own (a bad value names its member)."""
+    check_used(config, list(varied_specs(config)))
     members = []
     for index, values in enumerate(member_values(config)):
         single = member_config(config, values)
@@ -194,5 +228,5 @@ def _describe(values: dict[str, float | int]) -> str:
 
 
 def describe(member: Member) -> str:
-    """``optim.lr=0.01, seed=3``: the member's varied values, for logs and the leaderboard."""
+    """``optim.lr=0.01, init_seed=3``: the member's varied values, for logs and the leaderboard."""
     return _describe(member.values)

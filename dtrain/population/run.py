@@ -23,6 +23,7 @@ from dtrain.atomic import write_atomic
 from dtrain.config import Config, ConfigError, as_yaml
 from dtrain.data import ShardedBatches, build_dataset, shard_bounds
 from dtrain.data.dataset import DataSet
+from dtrain.errors import UserError
 from dtrain.graph import builders
 from dtrain.models.graph import GraphModel
 from dtrain.population import leaderboard
@@ -54,6 +55,11 @@ def check_population(config: Config, world_size: int, members: list[Member]) -> 
         raise ConfigError("trainer.compile=true does not apply to a population (vmap over members)")
     if config.fault.kind != "none":
         raise ConfigError("fault.kind: fault injection is for single runs, not populations")
+    if config.trainer.on_nonfinite != "stop":
+        raise ConfigError(
+            f"trainer.on_nonfinite={config.trainer.on_nonfinite}: a population freezes a member that goes "
+            "non-finite; use the default, stop"
+        )
     if len(members) < world_size:
         raise ConfigError(f"population of {len(members)} members on {world_size} ranks: give at least one per rank")
     if config.population.chunk < 0:
@@ -113,8 +119,8 @@ class PopulationLogger:
         val = [v for v in values.get("val/loss", []) if math.isfinite(v)]
         if val:
             summary["population/best_val_loss"] = min(val)
-        if "perf/member_samples_per_sec" in values:
-            summary["perf/member_samples_per_sec"] = values["perf/member_samples_per_sec"][0]
+        if "perf/samples_per_sec" in values:
+            summary["perf/member_samples_per_sec"] = sum(values["perf/samples_per_sec"])
         self.summary.scalars(step, summary)
         if losses and self.summary.progress != "off":
             log.info(
@@ -148,6 +154,9 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[s
     local = members[start:stop]
     dtype = param_dtype(config.trainer.precision)
     data = build_dataset(config.data, config.seed).to(env.device, dtype)
+    from dtrain.run import check_objective
+
+    check_objective(config, data)
     model = build_stacked(local, data, env.device, dtype)
     # Every rank trains on all the data: the population, not the data, is what is split.
     batches = ShardedBatches(data.train, config.trainer.batch_size, 0, 1, config.seed, config.trainer.grad_accum_steps)
@@ -156,14 +165,23 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[s
         model.chunk = min(config.population.chunk, model.size)
     else:
         x, y = next(batches.epoch(0))[0]
-        model.chunk, timings = pick_chunk(model, x, y)
+        with torch.random.fork_rng():  # timing draws dropout masks: training must not depend on how many
+            model.chunk, timings = pick_chunk(model, x, y)
         if timings:
             shown = ", ".join(f"{c}: {1e3 * t:.3g}" for c, t in timings.items())
             log.info("members fused per step: %d (ms per member step by chunk size: %s)", model.chunk, shown)
 
+    error = ""
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.yaml", as_yaml(config).encode())
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / "config.yaml", as_yaml(config).encode())
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            error = f"cannot write the run directory {run_dir}: {reason}; choose another with hydra.run.dir=..."
+    if error := dist.first_error(error, env):
+        raise UserError(error)
+    if env.is_main:
         log.info(
             "run directory: %s (population of %d on %d rank(s), %s)", run_dir, len(members), env.world_size, env.device
         )
@@ -175,12 +193,16 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[s
             logger.scalars(step, gathered)
 
     def any_training(local_answer: bool) -> bool:
+        if not env.distributed:
+            return local_answer
+        dist.current_op("population: do any members still train (all-reduce)")
         flag = torch.tensor([float(local_answer)], device=env.device)
         return bool(dist.all_reduce_sum(flag, env).item() > 0)
 
     try:
         sections = config.trainer, config.optim.name, config.optim.nesterov
-        fit = fit_population(model, local, data, batches, *sections, report, any_training)
+        every = config.checkpoint.every_n_steps
+        fit = fit_population(model, local, data, batches, *sections, report, any_training, every)
         results = _gather_fit(fit, env)
         summary: dict[str, Any] = {}
         if env.is_main:
@@ -204,16 +226,14 @@ def _gather_fit(fit: PopulationFit, env: dist.DistEnv) -> dict[str, Any] | None:
         "first_loss": fit.first_loss,
         "min_loss": fit.min_loss,
         "last_loss": fit.last_loss,
+        "member_samples_per_sec": [fit.member_samples_per_sec],
     }
     parts = dist.gather_to_main(fields, env) if env.distributed else [fields]
     if parts is None:
         return None
     merged: dict[str, Any] = {key: [v for part in parts for v in part[key]] for key in fields}
-    merged.update(
-        total_steps=fit.total_steps,
-        wall_time_s=fit.wall_time_s,
-        member_samples_per_sec=fit.member_samples_per_sec * env.world_size,
-    )
+    merged["member_samples_per_sec"] = sum(merged["member_samples_per_sec"])  # every rank's members
+    merged.update(total_steps=fit.total_steps, wall_time_s=fit.wall_time_s)
     return merged
 
 

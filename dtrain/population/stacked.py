@@ -56,10 +56,6 @@ class StackedModel:
         parts = [self._chunk_predict(lo, min(lo + self.chunk, self.size), x) for lo in range(0, self.size, self.chunk)]
         return torch.cat(parts)
 
-    def member_state(self, member: int) -> dict[str, torch.Tensor]:
-        """Member ``member``'s parameters under the single model's names: a ``state_dict`` that loads into it."""
-        return {name: p[member].detach().clone() for name, p in zip(self.names, self.params, strict=True)}
-
     def _chunk_losses_and_grads(
         self, lo: int, hi: int, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -1,9 +1,10 @@
 """The population's training loop: every member steps at once, each with its own hyperparameters.
 
 It mirrors ``dtrain.train.trainer.fit`` step for step (the same batches, the same schedule arithmetic,
-value clipping before norm clipping, the same logging cadence), so a member rerun alone follows the
-same trajectory. What differs: members that go non-finite are frozen and marked ``diverged`` while
-the others continue; there are no checkpoints (population runs are short; run again to redo one).
+gradient norms before clipping, value clipping before norm clipping, logging at the same steps, its
+checkpoint steps included), so a member rerun alone follows the same trajectory. What differs: members
+that go non-finite are frozen and marked ``diverged`` while the others continue; there are no
+checkpoints (population runs are short; run again to redo one).
 
 Host syncs happen only at logging steps, as in the ordinary loop: finiteness, freezing and the
 per-member learning rates all stay on the device.
@@ -51,7 +52,7 @@ class PopulationFit:
     last_loss: list[float]  # the last step's loss (of the step that froze a diverged member: non-finite)
     total_steps: int
     wall_time_s: float
-    member_samples_per_sec: float  # samples x members per second of training
+    member_samples_per_sec: float  # samples x (this rank's) members per second of training
 
 
 class MemberRates:
@@ -120,8 +121,13 @@ def fit_population(
     nesterov: bool,
     report: Report,
     any_training: AnyTraining = lambda local: local,
+    checkpoint_every: int = 0,
 ) -> PopulationFit:
-    """Train this rank's ``members`` (stacked in ``model``) together on the full training data."""
+    """Train this rank's ``members`` (stacked in ``model``) together on the full training data.
+
+    ``checkpoint_every`` is the single run's ``checkpoint.every_n_steps``: a population saves no checkpoints,
+    but logs at those steps as a single run does, so that its members' logged windows are the same.
+    """
     params = model.params
     device, dtype, m = params[0].device, params[0].dtype, len(members)
     steps_per_epoch = batches.steps_per_epoch
@@ -166,9 +172,16 @@ def fit_population(
                 losses += part_losses
                 grads = part_grads if grads is None else [a + b for a, b in zip(grads, part_grads, strict=True)]
             assert grads is not None
-            if clip_value is not None:
-                clip_grad_value_(grads, clip_value)
-            norms = clip_grad_norm_(grads, max_norm) if any(clip_norms) else member_grad_norms(grads)
+            # Norms before any clipping (what a single run logs, and what tells a non-finite gradient that
+            # value clipping would clamp); then value clipping, then norm clipping, as in a single run.
+            if clip_value is None and any(clip_norms):
+                norms = clip_grad_norm_(grads, max_norm)  # returns the norms before it clips
+            else:
+                norms = member_grad_norms(grads)
+                if clip_value is not None:
+                    clip_grad_value_(grads, clip_value)
+                if any(clip_norms):
+                    clip_grad_norm_(grads, max_norm)
             finite = torch.isfinite(losses) & torch.isfinite(norms)
             frozen_at = torch.where(active & ~finite, step, frozen_at)
             active &= finite
@@ -182,7 +195,9 @@ def fit_population(
             last_loss = torch.where(active | (frozen_at == step), losses, last_loss)
             loss_sum += losses
             steps_since_log += 1
-            if step % trainer.log_every == 0 or step == total_steps:
+            # A single run also logs at its checkpoint steps: the same windows give the same train/loss.
+            checkpoint_due = bool(checkpoint_every and step % checkpoint_every == 0)
+            if step % trainer.log_every == 0 or step == total_steps or checkpoint_due:
                 now = time.perf_counter()
                 values = {
                     "train/loss": (loss_sum / steps_since_log).tolist(),
@@ -198,7 +213,8 @@ def fit_population(
                     for tag, vs in values.items()
                 }
                 seconds = max(now - last_log - aside, 1e-9)
-                values["perf/member_samples_per_sec"] = [steps_since_log * batches.global_batch * m / seconds] * m
+                # Each member's own throughput; the population's is their sum (over every rank's members).
+                values["perf/samples_per_sec"] = [steps_since_log * batches.global_batch / seconds] * m
                 report(step, values)
                 loss_sum.zero_()
                 steps_since_log, last_log, aside = 0, now, 0.0
