@@ -415,7 +415,17 @@ def collective_failure(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
-        marker in text for marker in ("[gloo", "Gloo", "NCCL", "Timed out", "Connection closed by peer", "timed out")
+        marker in text
+        for marker in (
+            "[gloo",
+            "Gloo",
+            "gloo/transport",
+            "NCCL",
+            "Timed out",
+            "timed out",
+            "Connection closed by peer",
+            "Connection reset by peer",
+        )
     )
 
 

@@ -180,6 +180,7 @@ def test_compose_trains_two_nodes_and_serves_tensorboard_from_one_volume() -> No
         assert env[name]["RDZV_ID"] == env[host]["RDZV_ID"]
         assert service["hostname"] == name  # the address torchrun publishes must resolve on the network
         (script,) = service["entrypoint"]
+        assert Path(script).name == "multinode.sh"
         copies = arguments(REPO / service["build"]["dockerfile"], "COPY")
         assert any(c.split()[-1] == str(Path(script).parent) + "/" and "launch/multinode.sh" in c for c in copies)
     mounts = {service["volumes"][0].split(":")[1] for service in nodes.values()}

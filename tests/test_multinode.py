@@ -4,6 +4,7 @@ mid-run and a replacement starts, the job resumes from its checkpoint and ends w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -75,7 +76,8 @@ class Job:
     def kill(self, node: subprocess.Popen) -> None:
         """SIGKILL a node: its torchrun agent and the ranks it started (torchrun gives them sessions of their own)."""
         for pid in [node.pid, *children(node.pid)]:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                os.kill(pid, signal.SIGKILL)
         node.wait()
 
     def stop(self) -> None:
