@@ -14,7 +14,8 @@ Every member has its own learning rate (a log range), so no two members compute 
     the same loop with the chunk size dtrain picks by timing at start-up (``population.chunk=0``; the time
     spent picking is reported, not counted: a real run picks once).
 
-The figure is the time per member-step (median of ``--repeats`` blocks); the speed-up is sequential / dtrain.
+The figure is the time per member-step, the median of ``--repeats`` blocks per variant, the variants taking
+turns block by block; the speed-up is sequential / dtrain.
 The script waits for the CPU to go quiet before each case and repeats a block (at most 3 attempts) if other
 processes used more than 0.2 of a core while it ran (the guard of ``ddp_throughput.py``). torch uses
 ``--threads`` intra-op threads (default: torch's own choice, every core).
@@ -158,9 +159,13 @@ def measure(model: str, data: DataSet, count: int, repeats: int) -> str:
     members = members_of(model, count, steps_for(model, points, count))
     steps = members[0].config.trainer.max_epochs
     work = count * steps
-    seq = statistics.median(timed(lambda: sequential(members, data, steps)) for _ in range(repeats))
-    fused = statistics.median(timed(lambda: population(members, data, steps, count))[0] for _ in range(repeats))
-    picked = [timed(lambda: population(members, data, steps, None)) for _ in range(repeats)]
+    # The variants take turns, so that a slow spell of the machine hits them alike.
+    seqs, fuseds, picked = [], [], []
+    for _ in range(repeats):
+        seqs.append(timed(lambda: sequential(members, data, steps)))
+        fuseds.append(timed(lambda: population(members, data, steps, count))[0])
+        picked.append(timed(lambda: population(members, data, steps, None)))
+    seq, fused = statistics.median(seqs), statistics.median(fuseds)
     auto = statistics.median(p[0] for p in picked)
     chunk = statistics.mode(p[1] for p in picked)
     picking = statistics.median(p[2] for p in picked)
