@@ -22,7 +22,6 @@ from dtrain.errors import PeerFailure, UserError
 from dtrain.faults import Faults
 from dtrain.models import build_model
 from dtrain.models.graph import GraphModel
-from dtrain.population.run import is_population, train_population
 from dtrain.preemption import Preemption
 from dtrain.results import finite_or_none
 from dtrain.train.logger import RunLogger, log_to_rank_file
@@ -78,6 +77,9 @@ def train(config: Config, run_dir: Path) -> dict[str, Any]:
 
 def _train(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
     run_dir = agree_on_run_dir(run_dir, env)
+    # Imported here: the population's modules build on this one's helpers.
+    from dtrain.population.run import is_population, train_population
+
     if is_population(config):
         return train_population(config, run_dir, env)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -97,15 +99,7 @@ def _train(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
     resumed = prepare_resume(config.resume, run_dir, config.checkpoint, plain, env)
 
     # Every check of the user's input has passed: only now is the run directory touched.
-    error = ""
-    if env.is_main:
-        try:
-            prepare_run_dir(run_dir, config, fresh=resumed is None)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            error = f"cannot write the run directory {run_dir}: {reason}; choose another with hydra.run.dir=..."
-    if error := dist.first_error(error, env):
-        raise UserError(error)
+    open_run_dir(run_dir, config, env, fresh=resumed is None)
     if env.is_main:
         log.info("run directory: %s (world size %d, %s)", run_dir, env.world_size, env.device)
     else:
@@ -155,6 +149,19 @@ def build_initial_model(config: Config, data: DataSet) -> torch.nn.Module:
     """The model with its initial weights, drawn from ``init_seed`` (or ``seed``): the same on every rank."""
     torch.manual_seed(config.seed if config.init_seed is None else config.init_seed)
     return build_model(config.model, data)
+
+
+def open_run_dir(run_dir: Path, config: Config, env: dist.DistEnv, fresh: bool) -> None:
+    """Rank 0 prepares the run directory (:func:`prepare_run_dir`); an ``OSError`` there is one line on every rank."""
+    error = ""
+    if env.is_main:
+        try:
+            prepare_run_dir(run_dir, config, fresh)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            error = f"cannot write the run directory {run_dir}: {reason}; choose another with hydra.run.dir=..."
+    if error := dist.first_error(error, env):
+        raise UserError(error)
 
 
 def prepare_run_dir(run_dir: Path, config: Config, fresh: bool) -> None:

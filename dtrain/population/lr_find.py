@@ -36,6 +36,7 @@ from dtrain.atomic import write_atomic
 from dtrain.config import Config, ConfigError, load
 from dtrain.errors import UserError
 from dtrain.results import finite_or_none
+from dtrain.run import build_initial_model, train
 
 HESSIAN_MAX_PARAMS = 2000  # an exact Hessian beyond this costs more than the search itself
 
@@ -107,7 +108,6 @@ def hessian_lambda_max(config: Config) -> float | None:
 
     from dtrain.data import build_dataset
     from dtrain.models.graph import GraphModel
-    from dtrain.run import build_initial_model
     from dtrain.train.objective import loss_fn
 
     data = build_dataset(config.data, config.seed).to(torch.device("cpu"), torch.float64)
@@ -171,8 +171,6 @@ def population_config(config: Config, rates: list[float], steps: int) -> Config:
 
 def run_round(config: Config, rates: list[float], steps: int, out: Path) -> list[Trial]:
     """Train one population over ``rates``; each member's loss record."""
-    from dtrain.run import train
-
     results = train(population_config(config, rates, steps), out)["_results"]
     return [
         Trial(lr, first, lowest, last, status)

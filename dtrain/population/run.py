@@ -20,10 +20,9 @@ import torch
 
 from dtrain import dist
 from dtrain.atomic import write_atomic
-from dtrain.config import Config, ConfigError, as_yaml
+from dtrain.config import Config, ConfigError
 from dtrain.data import ShardedBatches, build_dataset, shard_bounds
 from dtrain.data.dataset import DataSet
-from dtrain.errors import UserError
 from dtrain.graph import builders
 from dtrain.models.graph import GraphModel
 from dtrain.population import leaderboard
@@ -32,6 +31,7 @@ from dtrain.population.members import Member, describe, expand_members, varied_s
 from dtrain.population.stacked import StackedGraphModel, StackedModel, StackedTorchModel
 from dtrain.population.train import PopulationFit, fit_population
 from dtrain.results import objective_metric
+from dtrain.run import build_initial_model, check_objective, metrics_json, open_run_dir
 from dtrain.train.logger import RunLogger
 from dtrain.train.trainer import param_dtype
 
@@ -68,8 +68,6 @@ def check_population(config: Config, world_size: int, members: list[Member]) -> 
 
 def build_stacked(members: list[Member], data: DataSet, device: torch.device, dtype: torch.dtype) -> StackedModel:
     """The members' models, initialised each as its own single run would be, stacked along the member axis."""
-    from dtrain.run import build_initial_model
-
     singles: dict[int | None, torch.nn.Module] = {}
     models = []
     for member in members:
@@ -154,8 +152,6 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[s
     local = members[start:stop]
     dtype = param_dtype(config.trainer.precision)
     data = build_dataset(config.data, config.seed).to(env.device, dtype)
-    from dtrain.run import check_objective
-
     check_objective(config, data)
     model = build_stacked(local, data, env.device, dtype)
     # Every rank trains on all the data: the population, not the data, is what is split.
@@ -171,16 +167,7 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[s
             shown = ", ".join(f"{c}: {1e3 * t:.3g}" for c, t in timings.items())
             log.info("members fused per step: %d (ms per member step by chunk size: %s)", model.chunk, shown)
 
-    error = ""
-    if env.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(run_dir / "config.yaml", as_yaml(config).encode())
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            error = f"cannot write the run directory {run_dir}: {reason}; choose another with hydra.run.dir=..."
-    if error := dist.first_error(error, env):
-        raise UserError(error)
+    open_run_dir(run_dir, config, env, fresh=True)
     if env.is_main:
         log.info(
             "run directory: %s (population of %d on %d rank(s), %s)", run_dir, len(members), env.world_size, env.device
@@ -269,8 +256,6 @@ def _write_results(
         best_member=best.member.index,
         best_values=best.member.values,
     )
-    from dtrain.run import metrics_json
-
     write_atomic(run_dir / "metrics.json", metrics_json(summary).encode())
     metric = objective_metric(config.objective.metric, best.metrics)
     lines = [f"population of {len(members)}: {len(members) - diverged} completed, {diverged} diverged"]
