@@ -61,6 +61,16 @@ def lr_factor(cfg: ScheduleConfig, base_lr: float, total: int) -> Callable[[int]
     return factor
 
 
+def schedule_moves(cfg: ScheduleConfig) -> bool:
+    """Whether the rate ever changes: a constant rate without warmup never needs its scheduler stepped."""
+    return cfg.name != "constant" or cfg.warmup > 0
+
+
+def schedule_length(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> int:
+    """The run's length in the schedule's intervals: steps, or (started) epochs."""
+    return math.ceil(total_steps / steps_per_epoch) if cfg.interval == "epoch" else total_steps
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total: int
 ) -> torch.optim.lr_scheduler.LambdaLR:

@@ -22,7 +22,7 @@ import torch
 from dtrain.config import TrainerConfig
 from dtrain.data.dataset import DataSet
 from dtrain.data.loader import ShardedBatches
-from dtrain.optim import lr_factor
+from dtrain.optim import lr_factor, schedule_length, schedule_moves
 from dtrain.population.members import Member
 from dtrain.population.optim import (
     build_batched_optimizer,
@@ -32,6 +32,7 @@ from dtrain.population.optim import (
 )
 from dtrain.population.stacked import StackedModel
 from dtrain.train.objective import metric_sums
+from dtrain.train.trainer import run_length
 
 # (step, {tag: one value per local member}): called at logging steps and evaluations.
 Report = Callable[[int, dict[str, list[float]]], None]
@@ -62,7 +63,7 @@ class MemberRates:
     def __init__(self, members: list[Member], total_intervals: int, device: torch.device, dtype: torch.dtype) -> None:
         self.base = [m.config.optim.lr for m in members]
         self.factors = [lr_factor(m.config.schedule, m.config.optim.lr, total_intervals) for m in members]
-        self.moves = any(m.config.schedule.name != "constant" or m.config.schedule.warmup > 0 for m in members)
+        self.moves = any(schedule_moves(m.config.schedule) for m in members)
         self.device, self.dtype = device, dtype
         self._constant = torch.tensor(self.base, dtype=dtype, device=device)
 
@@ -130,13 +131,10 @@ def fit_population(
     """
     params = model.params
     device, dtype, m = params[0].device, params[0].dtype, len(members)
-    steps_per_epoch = batches.steps_per_epoch
-    total_steps = steps_per_epoch * trainer.max_epochs
-    if trainer.max_steps is not None:
-        total_steps = min(total_steps, trainer.max_steps)
-    per_epoch = members[0].config.schedule.interval == "epoch"
-    intervals = math.ceil(total_steps / steps_per_epoch) if per_epoch else total_steps
-    rates = MemberRates(members, intervals, device, dtype)
+    total_steps = run_length(batches.steps_per_epoch, trainer)
+    schedule = members[0].config.schedule  # members may differ in its values, never in its interval
+    per_epoch = schedule.interval == "epoch"
+    rates = MemberRates(members, schedule_length(schedule, total_steps, batches.steps_per_epoch), device, dtype)
     optimizer = build_batched_optimizer(
         optim_name, params, optimizer_hparams(optim_name, members, device, dtype), nesterov
     )

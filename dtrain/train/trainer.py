@@ -26,7 +26,7 @@ from dtrain.data.loader import ShardedBatches, shard_bounds
 from dtrain.dist import DistEnv, all_reduce_mean_, all_reduce_sum, current_op
 from dtrain.faults import Faults
 from dtrain.models.graph import GraphModel
-from dtrain.optim import build_optimizer, build_scheduler
+from dtrain.optim import build_optimizer, build_scheduler, schedule_length, schedule_moves
 from dtrain.preemption import Preemption
 from dtrain.train.logger import RunLogger
 from dtrain.train.monitor import StepMonitor, custom_scalars_layout
@@ -40,6 +40,12 @@ MAX_FIGURES = 10  # model figures per run (plus the final model's)
 def param_dtype(precision: str) -> torch.dtype:
     """The dtype of weights and data: float64 for ``float64``; float32 otherwise (bf16 autocasts on top)."""
     return torch.float64 if precision == "float64" else torch.float32
+
+
+def run_length(steps_per_epoch: int, trainer: TrainerConfig) -> int:
+    """Optimizer steps in the run: ``max_epochs`` epochs, or ``max_steps`` if that comes sooner."""
+    total = steps_per_epoch * trainer.max_epochs
+    return total if trainer.max_steps is None else min(total, trainer.max_steps)
 
 
 @dataclass
@@ -136,16 +142,11 @@ def fit(
         return contextlib.nullcontext()
 
     steps_per_epoch = batches.steps_per_epoch
-    total_steps = steps_per_epoch * trainer.max_epochs
-    if trainer.max_steps is not None:
-        total_steps = min(total_steps, trainer.max_steps)
+    total_steps = run_length(steps_per_epoch, trainer)
     optimizer = build_optimizer(params, optim)
     per_epoch = schedule.interval == "epoch"
-    # A constant rate without warmup never changes: skip stepping its scheduler.
-    schedule_moves = schedule.name != "constant" or schedule.warmup > 0
-    scheduler = build_scheduler(
-        optimizer, schedule, math.ceil(total_steps / steps_per_epoch) if per_epoch else total_steps
-    )
+    moves = schedule_moves(schedule)  # a constant rate without warmup: its scheduler is never stepped
+    scheduler = build_scheduler(optimizer, schedule, schedule_length(schedule, total_steps, steps_per_epoch))
     compute_loss = loss_fn(data.task)
 
     # The loss accumulates on the device between logging steps: no host sync on ordinary steps. A
@@ -270,7 +271,7 @@ def fit(
         if not skipped:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if schedule_moves and not per_epoch:
+            if moves and not per_epoch:
                 scheduler.step()
 
         if log_now:
@@ -318,7 +319,7 @@ def fit(
         if step == (progress.epoch + 1) * steps_per_epoch:
             # A whole epoch ran: per-epoch schedules and end-of-epoch evaluation, but no more often
             # than every log_every steps (with one step an epoch, evaluating each epoch would sync each step).
-            if schedule_moves and per_epoch:
+            if moves and per_epoch:
                 scheduler.step()
             if not trainer.eval_every and step - max(progress.evaluated_at, 0) >= trainer.log_every:
                 run_evaluation()
