@@ -25,6 +25,7 @@ from dtrain.models.graph import GraphModel
 from dtrain.preemption import Preemption
 from dtrain.results import finite_or_none
 from dtrain.train.logger import RunLogger, log_to_rank_file
+from dtrain.train.objective import metric_names, val_tag
 from dtrain.train.state import Checkpointer, prepare_resume
 from dtrain.train.trainer import TrainResult, fit, param_dtype
 
@@ -138,9 +139,8 @@ def check_objective(config: Config, data: DataSet) -> None:
     metric = config.objective.metric
     if metric == "auto":
         return
-    names = ["loss", "accuracy"] if data.task == "classification" else ["loss"]
     produced = ["train/loss", "lr", "grad_norm/total"]
-    produced += [f"val/{name}_{suffix}" if suffix else f"val/{name}" for suffix in data.val for name in names]
+    produced += [val_tag(name, suffix) for suffix in data.val for name in metric_names(data.task)]
     if metric not in produced:
         raise ConfigError(f"objective.metric={metric!r} is not a metric of this run; it has: {', '.join(produced)}")
 

@@ -31,7 +31,7 @@ from dtrain.population.optim import (
     member_grad_norms,
 )
 from dtrain.population.stacked import StackedModel
-from dtrain.train.objective import metric_sums
+from dtrain.train.objective import metric_sums, val_tag
 from dtrain.train.trainer import run_length
 
 # (step, {tag: one value per local member}): called at logging steps and evaluations.
@@ -107,7 +107,7 @@ def evaluate_members(model: StackedModel, data: DataSet, chunk_rows: int) -> dic
                         sums.setdefault(name, torch.zeros(len(outputs), dtype=torch.float64, device=x.device))
                         sums[name][member] += value.to(torch.float64)
             for name, total in sums.items():
-                results[f"val/{name}_{suffix}" if suffix else f"val/{name}"] = total / len(split)
+                results[val_tag(name, suffix)] = total / len(split)
     model.train(True)
     return results
 

@@ -17,6 +17,16 @@ def loss_fn(task: str) -> LossFn:
     return F.mse_loss
 
 
+def metric_names(task: str) -> list[str]:
+    """The names :func:`metric_sums` gives for ``task``."""
+    return ["loss", "accuracy"] if task == "classification" else ["loss"]
+
+
+def val_tag(name: str, suffix: str) -> str:
+    """A validation metric's tag: ``val/loss`` for the ordinary split, ``val/loss_outer`` for a named one."""
+    return f"val/{name}_{suffix}" if suffix else f"val/{name}"
+
+
 def metric_sums(task: str, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-batch *sums* (so shards of any size add up exactly across ranks): loss and, for classes, correct."""
     if task == "classification":

@@ -30,7 +30,7 @@ from dtrain.optim import build_optimizer, build_scheduler, schedule_length, sche
 from dtrain.preemption import Preemption
 from dtrain.train.logger import RunLogger
 from dtrain.train.monitor import StepMonitor, custom_scalars_layout
-from dtrain.train.objective import loss_fn, metric_sums
+from dtrain.train.objective import loss_fn, metric_sums, val_tag
 from dtrain.train.state import Checkpointer, Progress
 
 log = logging.getLogger("dtrain")
@@ -98,7 +98,7 @@ def evaluate(
     for suffix, names in layout:
         count = totals[i + len(names)]
         for name in names:
-            tag = f"val/{name}_{suffix}" if suffix else f"val/{name}"
+            tag = val_tag(name, suffix)
             metrics[tag] = totals[i] / count
             i += 1
         i += 1
