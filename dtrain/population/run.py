@@ -136,9 +136,9 @@ class PopulationLogger:
             logger.close()
 
 
-def _gather(values: dict[str, list[float]], env: dist.DistEnv) -> dict[str, list[float]] | None:
-    """Every rank's members' values, concatenated in member order on rank 0 (None elsewhere)."""
-    parts = dist.gather_to_main(values, env) if env.distributed else [values]
+def _gather(values: dict[str, list[Any]], env: dist.DistEnv) -> dict[str, list[Any]] | None:
+    """Every rank's lists (one entry per local member), concatenated in member order on rank 0 (None elsewhere)."""
+    parts = dist.gather_to_main(values, env)
     if parts is None:
         return None
     return {tag: [v for part in parts for v in part[tag]] for tag in parts[0]}
@@ -198,7 +198,7 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[s
     finally:
         logger.close()
     # Every rank ends as rank 0 says (its exit status does not depend on its own share).
-    status = dist.broadcast_str(summary.get("status", ""), env) if env.distributed else summary["status"]
+    status = dist.broadcast_str(summary.get("status", ""), env)
     dist.barrier(env)
     if not env.is_main:
         summary = {"status": status, "_message": "", "_run_dir": str(run_dir)}
@@ -206,6 +206,7 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[s
 
 
 def _gather_fit(fit: PopulationFit, env: dist.DistEnv) -> dict[str, Any] | None:
+    """Every rank's results on rank 0 (None elsewhere): per-member lists in member order, throughput summed."""
     fields = {
         "status": fit.status,
         "steps": fit.steps,
@@ -215,10 +216,9 @@ def _gather_fit(fit: PopulationFit, env: dist.DistEnv) -> dict[str, Any] | None:
         "last_loss": fit.last_loss,
         "member_samples_per_sec": [fit.member_samples_per_sec],
     }
-    parts = dist.gather_to_main(fields, env) if env.distributed else [fields]
-    if parts is None:
+    merged: dict[str, Any] | None = _gather(fields, env)
+    if merged is None:
         return None
-    merged: dict[str, Any] = {key: [v for part in parts for v in part[key]] for key in fields}
     merged["member_samples_per_sec"] = sum(merged["member_samples_per_sec"])  # every rank's members
     merged.update(total_steps=fit.total_steps, wall_time_s=fit.wall_time_s)
     return merged
