@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dtrain import dist
-from dtrain.config import load, register_configs
+from dtrain.config import Config, load, register_configs
 from dtrain.errors import PeerFailure, RankLocalError, UserError
 from dtrain.results import objective_value
 
@@ -44,6 +44,15 @@ def config_dir() -> str:
     if (packaged / "config.yaml").is_file():
         return str(packaged)
     return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The checked config that ``python -m dtrain OVERRIDES`` would run, composed without starting a job
+    (for the subcommands, which take the same overrides as training)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return load(compose(config_name="config", overrides=list(overrides)))
 
 
 def setup_logging(rank: int) -> None:

@@ -52,18 +52,14 @@ def check_gradients(config: Config, samples: int, eps: float) -> dict[str, float
 
 def main(argv: list[str]) -> int:
     """``dtrain gradcheck [--samples N] [--eps E] [--tolerance T] [hydra overrides]``; returns the exit status."""
-    from hydra import compose, initialize_config_dir
-
-    from dtrain.__main__ import config_dir
-    from dtrain.config import load
+    from dtrain.__main__ import compose_config
 
     parser = argparse.ArgumentParser(prog="dtrain gradcheck", description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=16, help="training points in the batch (default 16)")
     parser.add_argument("--eps", type=float, default=1e-6, help="finite-difference step (default 1e-6)")
     parser.add_argument("--tolerance", type=float, default=1e-6, help="largest relative error that passes")
     args, overrides = parser.parse_known_args(argv)
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        config = load(compose(config_name="config", overrides=overrides))
+    config = compose_config(overrides)
     errors = check_gradients(config, args.samples, args.eps)
     width = max(len(name) for name in errors)
     print(f"gradcheck: model={config.model.name} data={config.data.name}, {args.samples} samples, float64")

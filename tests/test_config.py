@@ -7,18 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import dtrain.__main__ as entry
-from dtrain.config import Config, ConfigError, MLPConfig, PolynomialConfig, load
+from dtrain.config import Config, ConfigError, MLPConfig, PolynomialConfig
 from tests.conftest import REPO, cli_env, run_dtrain
 
 CONF = Path(entry.config_dir())
 
 
 def composed(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return load(compose(config_name="config", overrides=list(overrides)))
+    return entry.compose_config(list(overrides))
 
 
 def option_names(group: str) -> list[str]:

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from dtrain.__main__ import config_dir
-from dtrain.config import Config, ConfigError, load
+import dtrain.__main__ as entry
+from dtrain.config import Config, ConfigError
 from dtrain.data import build_dataset
 from dtrain.population.chunking import FUSING_MARGIN, chunk_candidates, pick_chunk
 from dtrain.population.lr_find import Trial, analyse, log_rates
@@ -27,8 +26,7 @@ from tests.conftest import assert_ok, launch, run_dtrain
 
 
 def compose_config(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return load(compose(config_name="config", overrides=list(overrides)))
+    return entry.compose_config(list(overrides))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ import torch
 
 from dtrain import dist
 from dtrain.atomic import write_atomic
-from dtrain.config import Config, ConfigError, load
+from dtrain.config import Config, ConfigError
 from dtrain.errors import UserError
+from dtrain.population.run import is_population
 from dtrain.results import finite_or_none
 from dtrain.run import build_initial_model, train
 
@@ -252,9 +253,7 @@ def describe(finding: Finding) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """``dtrain lr-find [--min LO] [--max HI] [--members M] [--steps N] [--refine R] [--out DIR] [overrides]``."""
-    from hydra import compose, initialize_config_dir
-
-    from dtrain.__main__ import config_dir
+    from dtrain.__main__ import compose_config
 
     parser = argparse.ArgumentParser(prog="dtrain lr-find", description=__doc__.splitlines()[0])
     parser.add_argument("--min", type=float, default=1e-4, help="smallest rate (default 1e-4)")
@@ -274,11 +273,8 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--{flag}={getattr(args, flag)} must be at least 2")
     if args.refine < 0 or not (math.isfinite(args.rise) and args.rise >= 1):
         raise UserError(f"--refine={args.refine} must be >= 0 and --rise={args.rise:g} a number >= 1")
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        config = load(compose(config_name="config", overrides=overrides))
-    from dtrain.population.members import varied_specs
-
-    if varied_specs(config) or config.population.size > 1:
+    config = compose_config(overrides)
+    if is_population(config):
         raise ConfigError("lr-find makes its own population: drop the population.* overrides")
     stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
     out = args.out or Path("outputs") / "lr-find" / stamp
