@@ -28,7 +28,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from dtrain.graph.builders import Built
 from dtrain.models.mlp import MLP
-from dtrain.train.objective import loss_fn
+from dtrain.train.objective import loss_fn, member_losses_fn
 
 
 class StackedModel:
@@ -69,26 +69,6 @@ class StackedModel:
 
     def _chunk_predict(self, lo: int, hi: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-
-MemberLosses = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def member_losses_fn(task: str) -> MemberLosses:
-    """Each member's mean loss from outputs ``[M, N, out]`` against one set of targets: ``[M]``."""
-    if task == "classification":
-
-        def cross_entropy(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            m, n, classes = output.shape
-            per_sample = F.cross_entropy(output.reshape(m * n, classes), y.repeat(m), reduction="none")
-            return per_sample.reshape(m, n).mean(dim=1)
-
-        return cross_entropy
-
-    def mse(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (output - y).square().mean(dim=(1, 2))
-
-    return mse
 
 
 ACTIVATION_FUNCTIONS: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {

@@ -1,4 +1,5 @@
-"""What a task optimises and measures: the loss, and the summed metrics for evaluation."""
+"""What a task optimises and measures: the loss (of one model, and of a population's members), and the summed
+metrics for evaluation."""
 
 from __future__ import annotations
 
@@ -15,6 +16,24 @@ def loss_fn(task: str) -> LossFn:
     if task == "classification":
         return F.cross_entropy
     return F.mse_loss
+
+
+def member_losses_fn(task: str) -> LossFn:
+    """:func:`loss_fn` for a population: each member's mean loss from outputs ``[M, N, out]`` against one set
+    of targets, ``[M]``."""
+    if task == "classification":
+
+        def cross_entropy(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            m, n, classes = output.shape
+            per_sample = F.cross_entropy(output.reshape(m * n, classes), y.repeat(m), reduction="none")
+            return per_sample.reshape(m, n).mean(dim=1)
+
+        return cross_entropy
+
+    def mse(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (output - y).square().mean(dim=(1, 2))
+
+    return mse
 
 
 def metric_names(task: str) -> list[str]:

@@ -169,7 +169,7 @@ class TorchrunLauncher(Launcher):
         from torch.distributed.elastic.multiprocessing import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-        from dtrain.results import objective_value, read_metrics
+        from dtrain.results import objective_metric, objective_value, read_metrics
 
         worst = -math.inf if mode == "max" else math.inf
         failure = ""
@@ -202,14 +202,14 @@ class TorchrunLauncher(Launcher):
             elif status != "completed":
                 why = f"it ended with status {status!r}"
             else:
-                why = f"its metrics.json has no finite {_metric_name(metric, summary)}"
+                why = f"its metrics.json has no finite {objective_metric(metric, summary)}"
             print(
                 f"dtrain: trial #{num} ({shown}) failed: {why}; scored as the worst value ({worst})",
                 file=sys.stderr,
                 flush=True,
             )
             return worst
-        print(f"dtrain: trial #{num} done: {_metric_name(metric, summary)}={value:.6g}", flush=True)
+        print(f"dtrain: trial #{num} done: {objective_metric(metric, summary)}={value:.6g}", flush=True)
         return value
 
     def _elastic_launch(self, trial_dir: str, log_dir: str) -> Any:
@@ -287,12 +287,6 @@ def _exit_reason(exitcode: int) -> str:
             return f"was killed by {signal.Signals(-exitcode).name}"
         return f"was killed by signal {-exitcode}"
     return f"exited with status {exitcode}"
-
-
-def _metric_name(metric: str, summary: dict[str, Any]) -> str:
-    from dtrain.results import objective_metric
-
-    return objective_metric(metric, summary)
 
 
 @contextlib.contextmanager
