@@ -17,8 +17,8 @@ import dtrain.__main__ as entry
 from dtrain.config import Config, ConfigError
 from dtrain.data import build_dataset
 from dtrain.population.chunking import FUSING_MARGIN, chunk_candidates, pick_chunk
-from dtrain.population.lr_find import Trial, analyse, log_rates
-from dtrain.population.members import expand_members, member_values
+from dtrain.population.lr_find import Trial, analyse
+from dtrain.population.members import evenly_spaced, expand_members, member_values
 from dtrain.population.run import build_stacked
 from dtrain.run import train
 from dtrain.train.objective import loss_fn
@@ -309,7 +309,7 @@ def test_analyse_finds_the_boundary_of_a_sorted_or_shuffled_sweep() -> None:
     finding = analyse(list(reversed(trials)), rise=1.1, configured=0.1, hessian=None)
     assert (finding.largest_stable, finding.best, finding.diverges_at) == (0.4, 0.4, 0.8)
     assert finding.configured_loss == 10.0
-    assert log_rates(1e-3, 1e-1, 3) == pytest.approx([1e-3, 1e-2, 1e-1])
+    assert evenly_spaced(1e-3, 1e-1, 3, log=True) == pytest.approx([1e-3, 1e-2, 1e-1])
 
 
 def test_lr_find_finds_the_stability_limit_of_the_surface(tmp_path: Path) -> None:

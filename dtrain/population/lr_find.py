@@ -35,6 +35,7 @@ from dtrain import dist
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, ConfigError
 from dtrain.errors import UserError
+from dtrain.population.members import evenly_spaced
 from dtrain.population.run import is_population
 from dtrain.results import finite_or_none
 from dtrain.run import build_initial_model, train
@@ -92,14 +93,6 @@ def analyse(trials: list[Trial], rise: float, configured: float, hessian: float 
         best_loss=best.last if best else None,
         hessian_lambda_max=hessian,
     )
-
-
-def log_rates(low: float, high: float, count: int) -> list[float]:
-    """``count`` rates evenly spaced in log scale from ``low`` to ``high``."""
-    if count == 1:
-        return [low]
-    step = (math.log(high) - math.log(low)) / (count - 1)
-    return [math.exp(math.log(low) + i * step) for i in range(count)]
 
 
 def hessian_lambda_max(config: Config) -> float | None:
@@ -279,7 +272,7 @@ def main(argv: list[str]) -> int:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
     out = args.out or Path("outputs") / "lr-find" / stamp
     configured = config.optim.lr
-    rates = sorted(set(log_rates(args.min, args.max, args.members)) | {configured})
+    rates = sorted(set(evenly_spaced(args.min, args.max, args.members, log=True)) | {configured})
     trials = run_round(config, rates, args.steps, out / "round0")
     rise = args.rise
     for round_index in range(1, args.refine + 1):

@@ -107,8 +107,13 @@ def _axis(key: str, spec: Any, count: int | None, draw: random.Random, base_seed
         return [math.exp(draw.uniform(math.log(lo), math.log(hi))) for _ in range(n)]
     if kind == "uniform":
         return [draw.uniform(lo, hi) for _ in range(n)]
-    fractions = [i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-    if kind == "logspace":
+    return evenly_spaced(lo, hi, n, log=kind == "logspace")
+
+
+def evenly_spaced(lo: float, hi: float, count: int, log: bool) -> list[float]:
+    """``count`` values from ``lo`` to ``hi`` (both included), evenly spaced in log scale or linear scale."""
+    fractions = [i / (count - 1) if count > 1 else 0.0 for i in range(count)]
+    if log:
         return [math.exp(math.log(lo) + f * (math.log(hi) - math.log(lo))) for f in fractions]
     return [lo + f * (hi - lo) for f in fractions]
 
