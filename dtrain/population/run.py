@@ -31,7 +31,7 @@ from dtrain.population.members import Member, describe, expand_members, varied_s
 from dtrain.population.stacked import StackedGraphModel, StackedModel, StackedTorchModel
 from dtrain.population.train import PopulationFit, fit_population
 from dtrain.results import objective_metric
-from dtrain.run import build_initial_model, check_objective, metrics_json, open_run_dir
+from dtrain.run import build_initial_model, check_objective, hparam_metrics, metrics_json, open_run_dir
 from dtrain.train.logger import RunLogger
 from dtrain.train.trainer import param_dtype
 
@@ -235,8 +235,7 @@ def _write_results(
     rows = leaderboard.make_rows(members, results["status"], results["steps"], results["metrics"])
     for row, member_logger in zip(rows, logger.members, strict=True):
         hparams = {key: float(value) for key, value in row.member.values.items()}
-        finals = {k: v for k, v in row.metrics.items() if k.startswith(("train/", "val/"))}
-        member_logger.hparams(hparams | {"member": row.member.index, "status": row.status}, finals)
+        member_logger.hparams(hparams | {"member": row.member.index, "status": row.status}, hparam_metrics(row.metrics))
     ranked = leaderboard.rank_rows(rows, config.objective.mode)
     leaderboard.write_leaderboard(run_dir, ranked, config)
     best = ranked[0]

@@ -61,6 +61,10 @@ class StackedModel:
         parts = [self._chunk_predict(lo, min(lo + self.chunk, self.size), x) for lo in range(0, self.size, self.chunk)]
         return torch.cat(parts)
 
+    def train(self, mode: bool = True) -> None:
+        """Training mode (dropout on) or evaluation mode, as ``nn.Module.train``."""
+        raise NotImplementedError
+
     def chunk_losses_and_grads(
         self, lo: int, hi: int, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
