@@ -79,11 +79,11 @@ def figure_to_rgb(fig: Figure) -> np.ndarray:
 
 
 def _surface(predict: Predict, data: DataSet) -> Figure:
-    fig = _new_figure(7.0, 5.5)
+    fig = new_figure(7.0, 5.5)
     ax = fig.add_subplot(projection="3d")
-    (x0_lo, x0_hi), (x1_lo, x1_hi) = _ranges(data)
+    (x0_lo, x0_hi), (x1_lo, x1_hi) = input_ranges(data)
     g0, g1 = np.meshgrid(np.linspace(x0_lo, x0_hi, GRID_2D), np.linspace(x1_lo, x1_hi, GRID_2D), indexing="ij")
-    z = _predict_regression(predict, np.stack([g0.ravel(), g1.ravel()], axis=1), data).reshape(g0.shape)
+    z = predict_regression(predict, np.stack([g0.ravel(), g1.ravel()], axis=1), data).reshape(g0.shape)
     # Translucent, so the points under the surface (where the model overshoots) stay visible.
     # rcount/ccount: plot_surface would otherwise resample the grid down to 50x50.
     ax.plot_surface(
@@ -97,8 +97,8 @@ def _surface(predict: Predict, data: DataSet) -> Figure:
         linewidth=0,
         antialiased=False,
     )
-    for label, split, color in _labelled_splits(data):
-        x, y = _points(split, _budget(data, split))
+    for label, split, color in labelled_splits(data):
+        x, y = subsample(split, point_budget(data, split))
         ax.scatter(x[:, 0], x[:, 1], y[:, 0], s=6, color=color, depthshade=False, label=label)
     ax.set_xlabel("x0")
     ax.set_ylabel("x1")
@@ -109,25 +109,25 @@ def _surface(predict: Predict, data: DataSet) -> Figure:
 
 
 def _curve(predict: Predict, data: DataSet) -> Figure:
-    fig = _new_figure(7.0, 4.5)
+    fig = new_figure(7.0, 4.5)
     ax = fig.add_subplot()
-    ((lo, hi),) = _ranges(data)
+    ((lo, hi),) = input_ranges(data)
     grid = np.linspace(lo, hi, GRID_1D)
-    prediction = _predict_regression(predict, grid[:, None], data)
+    prediction = predict_regression(predict, grid[:, None], data)
     extrapolating = "outer" in data.val
     if extrapolating:
         # Only with an outer split: without one, the training range is (nearly) the whole plot and a
         # shade over everything says nothing.
         train_x = data.train.x[:, 0]
         ax.axvspan(float(train_x.min()), float(train_x.max()), color="tab:green", alpha=0.12, label="training range")
-    for label, split, color in _labelled_splits(data):
-        x, y = _points(split, _budget(data, split))
+    for label, split, color in labelled_splits(data):
+        x, y = subsample(split, point_budget(data, split))
         ax.scatter(x[:, 0], y[:, 0], s=5, color=color, alpha=0.6, linewidths=0, label=label)
     ax.plot(grid, prediction, color="black", linewidth=1.5, label="prediction")
     ax.set_xlim(lo, hi)
     # Pin y to the data: a polynomial extrapolating far out can reach huge values, and autoscaling to them
     # would squash the data to a flat line. Where the prediction leaves the frame is itself the message.
-    ax.set_ylim(*_padded(*_data_range(data, lambda s: s.y), pad=0.15))
+    ax.set_ylim(*padded(*data_range(data, lambda s: s.y), pad=0.15))
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     if extrapolating:
@@ -144,15 +144,15 @@ def _decision_boundary(predict: Predict, data: DataSet) -> Figure:
     from matplotlib.colors import ListedColormap
     from matplotlib.lines import Line2D
 
-    fig = _new_figure(6.5, 5.5)
+    fig = new_figure(6.5, 5.5)
     ax = fig.add_subplot()
-    (x0_lo, x0_hi), (x1_lo, x1_hi) = _ranges(data)
+    (x0_lo, x0_hi), (x1_lo, x1_hi) = input_ranges(data)
     g0, g1 = np.meshgrid(np.linspace(x0_lo, x0_hi, GRID_2D), np.linspace(x1_lo, x1_hi, GRID_2D), indexing="ij")
-    logits = _predict(predict, np.stack([g0.ravel(), g1.ravel()], axis=1), data)
+    logits = predict_grid(predict, np.stack([g0.ravel(), g1.ravel()], axis=1), data)
     if logits.ndim != 2 or logits.shape[0] != g0.size:
         raise ValueError(f"predict returned shape {tuple(logits.shape)}; expected [{g0.size}, classes] logits")
     num_classes = max(logits.shape[1], data.num_classes, 2)
-    colors = _class_colors(num_classes)
+    colors = class_colors(num_classes)
     classes = np.argmax(np.nan_to_num(logits, nan=-np.inf), axis=1).reshape(g0.shape)
     # Regions as an image of cells, not contourf of the class index: contouring an index interpolates
     # between classes 0 and 2 through a false band of class 1. Each cell is centred on its grid point.
@@ -181,8 +181,8 @@ def _decision_boundary(predict: Predict, data: DataSet) -> Figure:
         if finite.size and finite.min() < 0 < finite.max():  # no sign change: no edge, and no warning
             ax.contour(g0, g1, margin, levels=[0.0], colors="black", linewidths=1.0)
     handles = []
-    for (label, split, _), marker in zip(_labelled_splits(data), "o^sDv", strict=False):
-        x, y = _points(split, _budget(data, split))
+    for (label, split, _), marker in zip(labelled_splits(data), "o^sDv", strict=False):
+        x, y = subsample(split, point_budget(data, split))
         labels = y.reshape(-1).astype(int)
         point_colors = [colors[c] if 0 <= c < num_classes else "grey" for c in labels]
         ax.scatter(x[:, 0], x[:, 1], s=12, c=point_colors, marker=marker, edgecolors="black", linewidths=0.3)
@@ -200,10 +200,13 @@ def _decision_boundary(predict: Predict, data: DataSet) -> Figure:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers
+# Building blocks, public because ``dtrain report`` draws the same pictures with plotly from them: the same
+# grid, ranges, point sample and colours, so its interactive figures match these PNGs.
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """An empty figure of ``width`` x ``height`` inches on its own Agg canvas (no pyplot), laid out for legends
+    placed outside the axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -214,10 +217,11 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _splits(data: DataSet) -> list[Split]:
+    """The training split, then every validation split."""
     return [data.train, *data.val.values()]
 
 
-def _labelled_splits(data: DataSet) -> list[tuple[str, Split, str]]:
+def labelled_splits(data: DataSet) -> list[tuple[str, Split, str]]:
     """Each split with its legend label and colour: train, val, then the named extra splits (``outer``)."""
     out = [("train", data.train, "tab:blue")]
     extra_colors = iter(["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"])
@@ -229,7 +233,8 @@ def _labelled_splits(data: DataSet) -> list[tuple[str, Split, str]]:
     return out
 
 
-def _data_range(data: DataSet, part: Callable[[Split], torch.Tensor]) -> tuple[float, float]:
+def data_range(data: DataSet, part: Callable[[Split], torch.Tensor]) -> tuple[float, float]:
+    """Smallest and largest finite value of ``part`` (e.g. ``lambda s: s.y``) over all splits; (-1, 1) if none."""
     values = torch.cat([part(s).detach().reshape(-1).cpu().double() for s in _splits(data)])
     values = values[torch.isfinite(values)]
     if values.numel() == 0:
@@ -237,24 +242,25 @@ def _data_range(data: DataSet, part: Callable[[Split], torch.Tensor]) -> tuple[f
     return float(values.min()), float(values.max())
 
 
-def _padded(lo: float, hi: float, pad: float = PAD) -> tuple[float, float]:
+def padded(lo: float, hi: float, pad: float = PAD) -> tuple[float, float]:
+    """``[lo, hi]`` widened by ``pad`` of its span on each side, so points on the edge are not cut by the frame."""
     span = hi - lo
     margin = pad * span if span > 0 else max(abs(lo), 1.0) * 0.5  # a constant column still gets a width
     return lo - margin, hi + margin
 
 
-def _ranges(data: DataSet) -> list[tuple[float, float]]:
+def input_ranges(data: DataSet) -> list[tuple[float, float]]:
     """Per input, its range over the training and all validation splits together, padded."""
-    return [_padded(*_data_range(data, lambda s, i=i: s.x[:, i])) for i in range(data.num_inputs)]
+    return [padded(*data_range(data, lambda s, i=i: s.x[:, i])) for i in range(data.num_inputs)]
 
 
-def _budget(data: DataSet, split: Split) -> int:
+def point_budget(data: DataSet, split: Split) -> int:
     """This split's share of MAX_POINTS, proportional to its size, so the mix of splits is kept."""
     total = sum(len(s) for s in _splits(data))
     return max(1, MAX_POINTS * len(split) // max(total, 1)) if total > MAX_POINTS else len(split)
 
 
-def _points(split: Split, limit: int) -> tuple[np.ndarray, np.ndarray]:
+def subsample(split: Split, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """The split's points as float64 numpy, at most ``limit`` of them, evenly strided (deterministic)."""
     x = split.x.detach().cpu().double()
     y = split.y.detach().cpu()
@@ -267,21 +273,24 @@ def _points(split: Split, limit: int) -> tuple[np.ndarray, np.ndarray]:
     return x.numpy(), y.numpy()
 
 
-def _predict(predict: Predict, grid: np.ndarray, data: DataSet) -> np.ndarray:
+def predict_grid(predict: Predict, grid: np.ndarray, data: DataSet) -> np.ndarray:
+    """``predict`` over the points of ``grid`` [N, inputs] (in the data's dtype, without autograd), as float64."""
     inputs = torch.as_tensor(grid, dtype=data.train.x.dtype)
     with torch.no_grad():
         out = predict(inputs)
     return out.detach().cpu().double().numpy()
 
 
-def _predict_regression(predict: Predict, grid: np.ndarray, data: DataSet) -> np.ndarray:
-    out = _predict(predict, grid, data)
+def predict_regression(predict: Predict, grid: np.ndarray, data: DataSet) -> np.ndarray:
+    """:func:`predict_grid` for a one-output regression model, flattened to [N]; ValueError for another shape."""
+    out = predict_grid(predict, grid, data)
     if out.size != grid.shape[0]:
         raise ValueError(f"predict returned shape {tuple(out.shape)}; expected [{grid.shape[0]}, 1] for regression")
     return out.reshape(-1)
 
 
-def _class_colors(num_classes: int) -> list[tuple[float, float, float, float]]:
+def class_colors(num_classes: int) -> list[tuple[float, float, float, float]]:
+    """One RGBA colour per class: tab10 up to 10 classes, evenly spaced turbo beyond (tab10 would repeat)."""
     from matplotlib import colormaps
 
     if num_classes <= 10:
@@ -290,4 +299,23 @@ def _class_colors(num_classes: int) -> list[tuple[float, float, float, float]]:
     return [cmap(c / (num_classes - 1)) for c in range(num_classes)]
 
 
-__all__ = ["figure_to_rgb", "model_figures"]
+__all__ = [
+    "DPI",
+    "GRID_1D",
+    "GRID_2D",
+    "MAX_POINTS",
+    "PAD",
+    "Predict",
+    "class_colors",
+    "data_range",
+    "figure_to_rgb",
+    "input_ranges",
+    "labelled_splits",
+    "model_figures",
+    "new_figure",
+    "padded",
+    "point_budget",
+    "predict_grid",
+    "predict_regression",
+    "subsample",
+]

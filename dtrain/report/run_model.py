@@ -1,0 +1,63 @@
+"""Each run's trained model, rebuilt on the CPU from ``config.yaml`` + ``model.pt`` with its data set, so the
+report can draw it; where that cannot be (no ``model.pt``, a moved data file...), a sentence saying why."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dtrain.errors import UserError
+from dtrain.report.runs import RunData
+
+if TYPE_CHECKING:
+    from dtrain.data.dataset import DataSet
+
+
+@dataclass
+class RunModel:
+    """A run's trained model and its data, or the reason there is none to show."""
+
+    predict: Any = None  # Callable[[torch.Tensor], torch.Tensor] | None
+    data: DataSet | None = None
+    note: str = ""
+
+
+def load_model(run: RunData) -> RunModel:
+    """Rebuild the run's model from its config and trained weights; a reason instead where that cannot be."""
+    weights = run.path / "model.pt"
+    if not weights.is_file():
+        reasons = {
+            "diverged": "the run diverged (non-finite loss or gradient), so it saved no model.pt",
+            "preempted": "the run was stopped before it finished, so it saved no model.pt yet "
+            "(run the same command again to resume it from checkpoints/)",
+        }
+        return RunModel(note=reasons.get(run.status, "no model.pt: the run has not finished, or it was killed"))
+    import torch
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dtrain.config import load
+    from dtrain.data import build_dataset
+    from dtrain.models import build_model
+
+    try:
+        config = load(OmegaConf.create(run.config))
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        # The weights' own precision (float64 runs save float64): the data and the grid follow it.
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+        data = build_dataset(config.data, config.seed).to(torch.device("cpu"), dtype)
+        model = build_model(config.model, data).to(dtype)
+        model.load_state_dict(state)
+    except (UserError, OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return RunModel(note=f"the model could not be rebuilt from config.yaml and model.pt: {first}")
+    except OmegaConfBaseException as exc:
+        return RunModel(note=f"config.yaml could not be loaded: {str(exc).splitlines()[0]}")
+    model.eval()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    return RunModel(predict=predict, data=data)
