@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dtrain import dist
+from dtrain import launch_env
 from dtrain.config import Config, load, register_configs
 from dtrain.errors import PeerFailure, RankLocalError, UserError
 from dtrain.results import objective_value
@@ -72,7 +72,7 @@ def fail(message: str, code: int, quiet: bool = False) -> None:
     sys.exit(code)
 
 
-OmegaConf.register_new_resolver("dtrain_launch", dist.launch_id, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("dtrain_launch", launch_env.launch_id, use_cache=True, replace=True)
 register_configs()
 
 
@@ -93,12 +93,12 @@ def hydra_task(cfg: DictConfig) -> float:
 
 
 def _run_job(cfg: DictConfig) -> float:
-    rank = dist.env_rank()
+    rank = launch_env.rank()
     setup_logging(rank)
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     worst = -math.inf if OmegaConf.select(cfg, "objective.mode") == "max" else math.inf
     try:
-        if sweeping and (dist.under_torchrun() or dist.under_slurm()) and not placed_by_submitit():
+        if sweeping and (launch_env.under_torchrun() or launch_env.under_slurm()) and not placed_by_submitit():
             raise UserError(
                 "a sweep (-m) runs trials, not ranks: start it outside torchrun/srun (python -m dtrain -m ...); "
                 "hydra/launcher=torchrun or hydra/launcher=slurm gives each trial its ranks"
@@ -196,14 +196,14 @@ def main() -> None:
     except (HydraException, OmegaConfBaseException) as exc:
         if SHOW_TRACEBACKS or _TaskState.running:
             raise
-        fail(hydra_error_line(exc), EXIT_USER_ERROR, quiet=dist.env_rank() != 0)
+        fail(hydra_error_line(exc), EXIT_USER_ERROR, quiet=launch_env.rank() != 0)
     except OSError as exc:  # Hydra creates the run directory before the job starts
         if SHOW_TRACEBACKS or _TaskState.running:
             raise
         where = f" {exc.filename}" if exc.filename else ""
         reason = exc.strerror or str(exc)
         message = f"cannot create the run directory{where}: {reason}; choose another with hydra.run.dir=..."
-        fail(message, EXIT_USER_ERROR, quiet=dist.env_rank() != 0)
+        fail(message, EXIT_USER_ERROR, quiet=launch_env.rank() != 0)
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -35,7 +35,7 @@ log = logging.getLogger("dtrain")
 def agree_on_run_dir(local: Path, env: dist.DistEnv) -> Path:
     """Every rank uses rank 0's run directory.
 
-    On one node all ranks compute the same name already (see :func:`dist.launch_id`); across nodes
+    On one node all ranks compute the same name already (see :func:`launch_env.launch_id`); across nodes
     that did not share a ``--rdzv-id`` they may not, so rank 0's choice wins and a rank that made
     an empty directory of its own removes it.
     """

@@ -1,5 +1,6 @@
-"""SLURM without a cluster: the environment mapping in dtrain.dist, the hydra/launcher=slurm preset, and a
-real 2-rank gloo training whose two processes know their places only from SLURM-style variables."""
+"""SLURM without a cluster: the environment mapping in dtrain.launch_env (node lists: dtrain.slurm_hostlist), the
+hydra/launcher=slurm preset, and a real 2-rank gloo training whose two processes know their places only from
+SLURM-style variables."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from dtrain import dist
+from dtrain import dist, launch_env
 from dtrain.config import load, register_configs
 from dtrain.errors import UserError
+from dtrain.slurm_hostlist import first_host, hostnames
 from tests.conftest import REPO, Run, assert_ok, cli_env
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
@@ -74,8 +76,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     ],
 )
 def test_nodelists_expand_in_order(nodelist: str, hosts: list[str]) -> None:
-    assert list(dist.hostnames(nodelist)) == hosts
-    assert dist.first_host(nodelist) == hosts[0]
+    assert list(hostnames(nodelist)) == hosts
+    assert first_host(nodelist) == hosts[0]
 
 
 @pytest.mark.parametrize(
@@ -95,14 +97,14 @@ def test_nodelists_expand_in_order(nodelist: str, hosts: list[str]) -> None:
 )
 def test_malformed_nodelists_are_one_line_user_errors(nodelist: str, message: str) -> None:
     with pytest.raises(UserError, match=message) as info:
-        dist.first_host(nodelist)
+        first_host(nodelist)
     assert "\n" not in str(info.value)
 
 
 def test_the_first_host_does_not_expand_the_whole_list_but_checks_it() -> None:
-    assert dist.first_host("n[1-99999999]") == "n1"  # hosts are made one at a time
+    assert first_host("n[1-99999999]") == "n1"  # hosts are made one at a time
     with pytest.raises(UserError, match="bad range"):
-        dist.first_host("a1,n[3-1]")  # a malformed name after the first is still an error
+        first_host("a1,n[3-1]")  # a malformed name after the first is still an error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,30 +112,31 @@ def test_the_first_host_does_not_expand_the_whole_list_but_checks_it() -> None:
 
 
 def test_slurm_task_maps_to_torchruns_variables(clean_env) -> None:
-    env = dist.slurm_env(slurm_task(3))
+    env = launch_env.slurm_env(slurm_task(3))
     assert env == {
         "RANK": "3",
         "WORLD_SIZE": "4",
         "LOCAL_RANK": "1",
         "MASTER_ADDR": "gpu07",
-        "MASTER_PORT": str(dist.slurm_port("4242", "0")),
+        "MASTER_PORT": str(launch_env.slurm_port("4242", "0")),
     }
     # Every task of the step derives the same rendezvous address.
     assert {
-        (dist.slurm_env(slurm_task(r))["MASTER_ADDR"], dist.slurm_env(slurm_task(r))["MASTER_PORT"]) for r in range(4)
+        (launch_env.slurm_env(slurm_task(r))["MASTER_ADDR"], launch_env.slurm_env(slurm_task(r))["MASTER_PORT"])
+        for r in range(4)
     } == {("gpu07", env["MASTER_PORT"])}
 
 
 def test_the_steps_own_tasks_and_nodes_come_before_the_jobs() -> None:
     task = slurm_task(1, ntasks=8, SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="gpu[12-13]")
-    env = dist.slurm_env(task)
+    env = launch_env.slurm_env(task)
     assert (env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("2", "gpu12")
     older = {k: v for k, v in slurm_task(0).items() if k not in ("SLURM_JOB_NODELIST", "SLURM_STEP_NUM_TASKS")}
-    assert dist.slurm_env(older | {"SLURM_NODELIST": "old[3-4]"})["MASTER_ADDR"] == "old3"
+    assert launch_env.slurm_env(older | {"SLURM_NODELIST": "old[3-4]"})["MASTER_ADDR"] == "old3"
 
 
 def test_an_exported_master_address_and_port_win() -> None:
-    env = dist.slurm_env(slurm_task(0, MASTER_ADDR="head", MASTER_PORT="29400"))
+    env = launch_env.slurm_env(slurm_task(0, MASTER_ADDR="head", MASTER_PORT="29400"))
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("head", "29400")
 
 
@@ -147,30 +150,35 @@ def test_an_exported_master_address_and_port_win() -> None:
     ],
 )
 def test_no_mapping_outside_a_multi_task_step_or_under_torchrun(environ: dict[str, str]) -> None:
-    assert dist.slurm_env(environ) == {}
+    assert launch_env.slurm_env(environ) == {}
 
 
 def test_ports_stay_below_the_ephemeral_range_and_differ_for_neighbours() -> None:
-    ports = {dist.slurm_port(str(job), str(step)) for job in range(1000, 2500) for step in range(8)}
+    ports = {launch_env.slurm_port(str(job), str(step)) for job in range(1000, 2500) for step in range(8)}
     assert len(ports) == 1500 * 8
     assert min(ports) >= 20000 and max(ports) < 32768
-    assert dist.slurm_port("77", "") == dist.slurm_port("77", "batch") == dist.slurm_port("77", "0")
+    assert launch_env.slurm_port("77", "") == launch_env.slurm_port("77", "batch") == launch_env.slurm_port("77", "0")
     with pytest.raises(UserError, match="SLURM_JOB_ID='' is not a job number"):
-        dist.slurm_port("")
+        launch_env.slurm_port("")
 
 
 def test_rank_launch_id_and_the_sweep_rule_read_slurm(clean_env) -> None:
     for rank in range(4):
         for name, value in slurm_task(rank).items():
             clean_env.setenv(name, value)
-        assert dist.env_rank() == rank
-        assert dist.under_slurm() and not dist.under_torchrun()
+        assert launch_env.rank() == rank
+        assert launch_env.place() == (rank, 4, rank % 2)
+        assert launch_env.under_slurm() and not launch_env.under_torchrun()
         # One run directory for every task of the step, on every node, kept when SLURM requeues the job.
-        assert dist.launch_id() == "slurm-4242.0"
+        assert launch_env.launch_id() == "slurm-4242.0"
     clean_env.setenv("SLURM_PROCID", "not a number")
-    assert dist.env_rank() == 0  # error reporting never fails on it; setup() reports it
+    assert launch_env.rank() == 0  # error reporting never fails on it; setup() reports it
+    with pytest.raises(UserError, match="are not integers"):
+        launch_env.place()
     clean_env.setenv("RANK", "5")
-    assert dist.env_rank() == 5 and not dist.under_slurm()  # torchrun's variables come first
+    clean_env.setenv("WORLD_SIZE", "6")
+    assert launch_env.rank() == 5 and not launch_env.under_slurm()  # torchrun's variables come first
+    assert launch_env.place() == (5, 6, 0)
 
 
 def test_setup_reports_a_malformed_slurm_environment_in_one_line(clean_env) -> None:
@@ -257,7 +265,7 @@ COMMON = (
 def free_port_and_job_id() -> tuple[int, str, str]:
     """A job id and step id whose derived port is free here now (the test machine is shared)."""
     for job in range(1500):
-        port = dist.slurm_port(str(job + 3000), "0")
+        port = launch_env.slurm_port(str(job + 3000), "0")
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dtrain import dist
+from dtrain import launch_env
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, ConfigError
 from dtrain.errors import UserError
@@ -257,7 +257,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rise", type=float, default=1.1, help="final/lowest loss that counts as rising (1.1)")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default outputs/lr-find/<time>)")
     args, overrides = parser.parse_known_args(argv)
-    if dist.under_torchrun() or dist.under_slurm():
+    if launch_env.under_torchrun() or launch_env.under_slurm():
         raise UserError("lr-find runs in one process: start it with dtrain lr-find, not under torchrun or srun")
     if not 0 < args.min < args.max or not math.isfinite(args.max):
         raise UserError(f"--min={args.min:g} --max={args.max:g}: need 0 < min < max")

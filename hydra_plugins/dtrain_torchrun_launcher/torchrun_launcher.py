@@ -34,6 +34,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from dtrain import launch_env
+
 APP_MODULE = "dtrain"  # what each rank runs: python -m dtrain
 # Hydra overrides of the sweep that are about the sweep itself: a trial is one plain run in its own directory.
 SWEEP_ONLY = ("hydra.mode", "hydra/launcher", "hydra.launcher", "hydra/sweeper", "hydra.sweeper", "hydra.sweep")
@@ -87,9 +89,7 @@ class TorchrunLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Run the batch's trials one after another, each as a torchrun job; each JobReturn's value is
         the trial's objective (the worst value for a trial that failed)."""
-        from dtrain import dist  # torch: only once trials are launched, never at plugin discovery
-
-        if dist.under_torchrun() or dist.under_slurm():  # every rank would run the whole sweep
+        if launch_env.under_torchrun() or launch_env.under_slurm():  # every rank would run the whole sweep
             raise HydraException(
                 "a sweep (-m) runs trials, not ranks: start it outside torchrun/srun (python -m dtrain -m ...); "
                 "hydra/launcher=torchrun gives each trial its ranks"
