@@ -5,6 +5,8 @@ Hydra composes YAML from ``conf/``; each YAML option extends the dataclass regis
 are applied. :func:`load` then turns the composed config into plain dataclasses and checks the
 things a type cannot say (a negative learning rate, a zero batch size, an unknown key added
 with ``+key=value``), raising :class:`ConfigError` with one line that names the bad value.
+Each dataclass checks its own fields in its ``check`` method; :func:`check` runs them in order,
+together with the few rules that compare two sections.
 """
 
 from __future__ import annotations
@@ -20,7 +22,35 @@ from omegaconf.errors import OmegaConfBaseException
 from dtrain.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
+# Checking helpers: each raises ConfigError with one line that names the key and its value.
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(key: str, value: float | int | None, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    what = "non-negative" if allow_zero else "positive"
+    tail = " or null" if allow_none else ""
+    _require(ok, f"{key}={value!r} must be a {what} number{tail}")
+
+
+def _one_of(key: str, value: str, options: tuple[str, ...]) -> None:
+    _require(value in options, f"{key}={value!r} is not one of: {', '.join(options)}")
+
+
+def _fraction(key: str, value: float) -> None:
+    _require(0.0 <= value < 1.0, f"{key}={value!r} must be in [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------
 # model/
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "silu")
 
 
 @dataclass
@@ -32,6 +62,10 @@ class PolynomialConfig:
     init: list[float] | None = None  # explicit initial coefficients c0..cN; None draws them
     init_scale: float = 1.0  # coefficients drawn uniformly from [-init_scale, init_scale]
 
+    def check(self) -> None:
+        _require(self.degree >= 1, f"model.degree={self.degree} must be at least 1")
+        _positive("model.init_scale", self.init_scale, allow_zero=True)
+
 
 @dataclass
 class MLPConfig:
@@ -42,6 +76,12 @@ class MLPConfig:
     layer_norm: bool = False
     dropout: float = 0.0
     activation_checkpointing: bool = False
+
+    def check(self) -> None:
+        _require(all(h >= 1 for h in self.hidden), f"model.hidden={self.hidden} must hold positive sizes")
+        _positive("model.width", self.width, allow_none=True)
+        _one_of("model.activation", self.activation, ACTIVATIONS)
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
 
 
 @dataclass
@@ -55,6 +95,13 @@ class GraphModelConfig:
     init_scale: float = 1.0  # polynomial
     hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp
     activation: str = "tanh"  # mlp: relu | tanh | sigmoid
+
+    def check(self) -> None:
+        """The engine's own fields; what it needs of the trainer is in :func:`_check_model_fits_trainer`."""
+        _one_of("model.graph", self.graph, ("polynomial", "mlp"))
+        _require(self.degree >= 1, f"model.degree={self.degree} must be at least 1")
+        _require(all(h >= 1 for h in self.hidden), f"model.hidden={self.hidden} must hold positive sizes")
+        _one_of("model.activation", self.activation, ("relu", "tanh", "sigmoid"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +120,13 @@ class Poly2dConfig:
     noise: float = 0.2
     val_fraction: float = 0.2
 
+    def check(self) -> None:
+        _fraction("data.val_fraction", self.val_fraction)
+        _require(self.grid_size >= 2, f"data.grid_size={self.grid_size} must be at least 2")
+        _require(len(self.coefficients) == 5, "data.coefficients must hold 5 values (c0..c4)")
+        _require(self.low < self.high, f"data.low={self.low} must be below data.high={self.high}")
+        _positive("data.noise", self.noise, allow_zero=True)
+
 
 @dataclass
 class Poly1dConfig:
@@ -86,6 +140,17 @@ class Poly1dConfig:
     high: float = 1.5
     noise: float = 0.1
     val_fraction: float = 0.2
+
+    def check(self) -> None:
+        _fraction("data.val_fraction", self.val_fraction)
+        _require(self.degree >= 1, f"data.degree={self.degree} must be at least 1")
+        _require(
+            self.coefficients is None or len(self.coefficients) == self.degree + 1,
+            f"data.coefficients has {len(self.coefficients or [])} values; data.degree={self.degree} needs "
+            f"{self.degree + 1} (k0..k{self.degree})",
+        )
+        _positive("data.num_points", self.num_points)
+        _positive("data.noise", self.noise, allow_zero=True)
 
 
 @dataclass
@@ -103,6 +168,16 @@ class SineConfig:
     noise: float = 0.1
     val_fraction: float = 0.2
 
+    def check(self) -> None:
+        _fraction("data.val_fraction", self.val_fraction)
+        _require(
+            self.outer_low <= self.low < self.high <= self.outer_high,
+            "data ranges must nest: outer_low <= low < high <= outer_high",
+        )
+        _fraction("data.outer_fraction", self.outer_fraction)
+        _positive("data.num_points", self.num_points)
+        _positive("data.noise", self.noise, allow_zero=True)
+
 
 @dataclass
 class MoonsConfig:
@@ -112,6 +187,11 @@ class MoonsConfig:
     num_points: int = 1000
     noise: float = 0.1
     val_fraction: float = 0.2
+
+    def check(self) -> None:
+        _fraction("data.val_fraction", self.val_fraction)
+        _positive("data.num_points", self.num_points)
+        _positive("data.noise", self.noise, allow_zero=True)
 
 
 @dataclass
@@ -124,9 +204,16 @@ class FileDataConfig:
     task: str = "regression"  # regression | classification
     val_fraction: float = 0.2
 
+    def check(self) -> None:
+        """The file itself is opened (and a missing one reported) when the dataset is built."""
+        _fraction("data.val_fraction", self.val_fraction)
+        _one_of("data.task", self.task, ("regression", "classification"))
+
 
 # ---------------------------------------------------------------------------------------------
 # optim/
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 
 
 @dataclass
@@ -143,9 +230,29 @@ class OptimConfig:
     alpha: float = 0.99  # rmsprop smoothing constant
     lr_decay: float = 0.0  # adagrad
 
+    def check(self) -> None:
+        """Every field, also those the chosen optimizer ignores."""
+        _one_of("optim.name", self.name, OPTIMIZERS)
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.momentum", self.momentum, allow_zero=True)
+        _require(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            f"optim.betas={self.betas} must hold two values in [0, 1)",
+        )
+        _positive("optim.eps", self.eps)
+        _positive("optim.lr_decay", self.lr_decay, allow_zero=True)
+        _require(0.0 <= self.alpha <= 1.0, f"optim.alpha={self.alpha} must be in [0, 1]")
+        _require(
+            not (self.nesterov and self.momentum == 0),
+            "optim.nesterov=true needs optim.momentum > 0 (Nesterov momentum without momentum is undefined)",
+        )
+
 
 # ---------------------------------------------------------------------------------------------
 # schedule/
+
+SCHEDULES = ("constant", "exp_decay", "step", "cosine")
 
 
 @dataclass
@@ -160,9 +267,30 @@ class ScheduleConfig:
     step_size: int = 100  # step: multiply by gamma every step_size intervals
     gamma: float = 0.1
 
+    def check(self, lr: float | None = None) -> None:
+        """The schedule's own fields; given the optimizer's (checked) ``lr``, also that the floor is not above it.
+
+        The one rule here that reads another section: it has always come before ``step_size`` and ``gamma``, and
+        where two values are bad the same one must still be named, so it cannot wait until after this check.
+        """
+        _one_of("schedule.name", self.name, SCHEDULES)
+        _one_of("schedule.interval", self.interval, ("step", "epoch"))
+        _positive("schedule.warmup", self.warmup, allow_zero=True)
+        _require(0.0 < self.decay <= 1.0, f"schedule.decay={self.decay} must be in (0, 1]")
+        _positive("schedule.min_lr", self.min_lr, allow_zero=True)
+        if lr is not None:
+            _require(
+                self.min_lr <= lr,
+                f"schedule.min_lr={self.min_lr:g} is above optim.lr={lr:g}; the floor would raise the rate",
+            )
+        _positive("schedule.step_size", self.step_size)
+        _positive("schedule.gamma", self.gamma)
+
 
 # ---------------------------------------------------------------------------------------------
 # trainer/ and dist
+
+PRECISIONS = ("float32", "float64", "bf16-mixed")
 
 
 @dataclass
@@ -184,12 +312,54 @@ class TrainerConfig:
     on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     max_skipped_steps: int = 5  # on_nonfinite=skip: stop after this many skipped steps in a row
 
+    def check(self) -> None:
+        """The trainer's own fields; a batch larger than the training set is found when the data is loaded."""
+        _positive("trainer.max_epochs", self.max_epochs)
+        _positive("trainer.max_steps", self.max_steps, allow_none=True)
+        _positive("trainer.batch_size", self.batch_size, allow_none=True)
+        _positive("trainer.grad_accum_steps", self.grad_accum_steps)
+        _one_of("trainer.precision", self.precision, PRECISIONS)
+        _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        _positive("trainer.clip_grad_norm", self.clip_grad_norm, allow_none=True)
+        _positive("trainer.clip_grad_value", self.clip_grad_value, allow_none=True)
+        _positive("trainer.log_every", self.log_every)
+        _positive("trainer.eval_every", self.eval_every, allow_zero=True)
+        _one_of("trainer.progress", self.progress, ("auto", "bar", "lines", "off"))
+        _positive("trainer.histogram_every", self.histogram_every, allow_zero=True)
+
+        _one_of("trainer.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _positive("trainer.max_skipped_steps", self.max_skipped_steps)
+
 
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto (nccl with CUDA, gloo otherwise) | nccl | gloo
     timeout_s: float = 600.0  # a collective that waits longer fails, naming the rank and the operation
     checkpoint_timeout_s: float = 1800.0  # the same around saving and loading checkpoints (rank 0 writes)
+
+    def check(self) -> None:
+        _one_of("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        _positive("dist.timeout_s", self.timeout_s)
+        _positive("dist.checkpoint_timeout_s", self.checkpoint_timeout_s)
+
+
+# What may differ between a checkpoint's config and the resuming run's, when checkpoint.allow_changes says so.
+# Whole sections mean any key in them. Everything else that shapes the trajectory (model, data, seed, batch
+# size, precision, optimizer kind) must match; settings that do not (logging, devices, timeouts) may always.
+CHANGEABLE_ON_RESUME = (
+    "world_size",
+    "optim.lr",
+    "optim.momentum",
+    "optim.weight_decay",
+    "optim.betas",
+    "optim.eps",
+    "schedule",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.clip_grad_norm",
+    "trainer.clip_grad_value",
+    "trainer.grad_accum_steps",
+)
 
 
 @dataclass
@@ -202,6 +372,17 @@ class CheckpointConfig:
     allow_changes: list[str] = field(default_factory=list)  # keys that may differ from the checkpoint's config
     signal_check_every: int = 1  # steps between the ranks' agreement on a preemption signal
 
+    def check(self) -> None:
+        _positive("checkpoint.every_n_steps", self.every_n_steps, allow_zero=True)
+        _positive("checkpoint.keep_last", self.keep_last)
+        _positive("checkpoint.signal_check_every", self.signal_check_every)
+        for key in self.allow_changes:
+            _require(
+                key in CHANGEABLE_ON_RESUME,
+                f"checkpoint.allow_changes: {key!r} cannot change on resume; "
+                f"these can: {', '.join(CHANGEABLE_ON_RESUME)}",
+            )
+
 
 @dataclass
 class FaultConfig:
@@ -212,6 +393,12 @@ class FaultConfig:
     rank: int = 0  # the rank it happens on
     attempts: str = "first"  # first: only before any torchrun restart | every: on every attempt
 
+    def check(self) -> None:
+        _one_of("fault.kind", self.kind, ("none", "kill", "exit", "hang", "nan"))
+        _positive("fault.step", self.step)
+        _positive("fault.rank", self.rank, allow_zero=True)
+        _one_of("fault.attempts", self.attempts, ("first", "every"))
+
 
 @dataclass
 class ObjectiveConfig:
@@ -219,6 +406,13 @@ class ObjectiveConfig:
 
     metric: str = "auto"  # auto: val/loss where there is a validation split, else train/loss
     mode: str = "min"  # min | max
+
+    def check(self) -> None:
+        _one_of("objective.mode", self.mode, ("min", "max"))
+        _require(
+            self.metric == "auto" or "/" in self.metric,
+            f"objective.metric={self.metric!r} must be auto or a metric tag such as val/loss or val/accuracy",
+        )
 
 
 # A per-member value: None (every member uses the run's own value), a list with one value per member
@@ -265,6 +459,10 @@ class PopulationConfig:
     trainer: PopulationTrainerValues = field(default_factory=PopulationTrainerValues)
     schedule: PopulationScheduleValues = field(default_factory=PopulationScheduleValues)
 
+    def check(self) -> None:
+        """The size only: the member values are expanded, and each member checked as a run, in population/."""
+        _require(self.size >= 1, f"population.size={self.size} must be at least 1")
+
 
 @dataclass
 class Config:
@@ -293,27 +491,6 @@ DATASETS: dict[str, type] = {
     "moons": MoonsConfig,
     "file": FileDataConfig,
 }
-OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
-SCHEDULES = ("constant", "exp_decay", "step", "cosine")
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "silu")
-PRECISIONS = ("float32", "float64", "bf16-mixed")
-# What may differ between a checkpoint's config and the resuming run's, when checkpoint.allow_changes says so.
-# Whole sections mean any key in them. Everything else that shapes the trajectory (model, data, seed, batch
-# size, precision, optimizer kind) must match; settings that do not (logging, devices, timeouts) may always.
-CHANGEABLE_ON_RESUME = (
-    "world_size",
-    "optim.lr",
-    "optim.momentum",
-    "optim.weight_decay",
-    "optim.betas",
-    "optim.eps",
-    "schedule",
-    "trainer.max_epochs",
-    "trainer.max_steps",
-    "trainer.clip_grad_norm",
-    "trainer.clip_grad_value",
-    "trainer.grad_accum_steps",
-)
 
 
 def register_configs() -> None:
@@ -415,155 +592,41 @@ def _typed(key: str, value: Any, kind: type) -> Any:
     return value
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _positive(key: str, value: float | int | None, allow_none: bool = False, allow_zero: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = value is not None and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    what = "non-negative" if allow_zero else "positive"
-    tail = " or null" if allow_none else ""
-    _require(ok, f"{key}={value!r} must be a {what} number{tail}")
-
-
-def _one_of(key: str, value: str, options: tuple[str, ...]) -> None:
-    _require(value in options, f"{key}={value!r} is not one of: {', '.join(options)}")
-
-
-def _fraction(key: str, value: float) -> None:
-    _require(0.0 <= value < 1.0, f"{key}={value!r} must be in [0, 1)")
-
-
 def check(config: Config) -> None:
-    """Check values a type cannot rule out; raise :class:`ConfigError` naming the first bad one."""
+    """Check values a type cannot rule out; raise :class:`ConfigError` naming the first bad one.
+
+    Each section checks its own fields, and the rules between sections run where they always have: of two
+    bad values, the one named first depends on the order below, so keep it.
+    """
     _require(0 <= config.seed < 2**63, f"seed={config.seed} must be in [0, 2^63)")
     if config.init_seed is not None:
         _require(0 <= config.init_seed < 2**63, f"init_seed={config.init_seed} must be in [0, 2^63)")
-    model, data, optim, schedule, trainer = (
-        config.model,
-        config.data,
-        config.optim,
-        config.schedule,
-        config.trainer,
-    )
-    if isinstance(model, PolynomialConfig):
-        _require(model.degree >= 1, f"model.degree={model.degree} must be at least 1")
-        _positive("model.init_scale", model.init_scale, allow_zero=True)
-    if isinstance(model, MLPConfig):
-        _require(all(h >= 1 for h in model.hidden), f"model.hidden={model.hidden} must hold positive sizes")
-        _positive("model.width", model.width, allow_none=True)
-        _one_of("model.activation", model.activation, ACTIVATIONS)
-        _require(0.0 <= model.dropout < 1.0, f"model.dropout={model.dropout} must be in [0, 1)")
+    config.model.check()
+    _check_model_fits_trainer(config)
+    config.data.check()
+    config.optim.check()
+    config.schedule.check(lr=config.optim.lr)  # the floor may not be above the optimizer's rate
+    config.trainer.check()
+    config.dist.check()
+    config.checkpoint.check()
+    _require(config.resume.strip() != "", "resume='' is empty; use auto, never, or a checkpoint path")
+    config.population.check()
+    config.objective.check()
+    config.fault.check()
 
-    if isinstance(model, GraphModelConfig):
-        _one_of("model.graph", model.graph, ("polynomial", "mlp"))
-        _require(model.degree >= 1, f"model.degree={model.degree} must be at least 1")
-        _require(all(h >= 1 for h in model.hidden), f"model.hidden={model.hidden} must hold positive sizes")
-        _one_of("model.activation", model.activation, ("relu", "tanh", "sigmoid"))
+
+def _check_model_fits_trainer(config: Config) -> None:
+    """What a model needs of the trainer: the graph engine has no mixed precision and no torch.compile.
+
+    Checked before the trainer's own fields, so an unsupported precision names the graph model.
+    """
+    if isinstance(config.model, GraphModelConfig):
+        trainer = config.trainer
         _require(
             trainer.precision in ("float32", "float64"),
             f"trainer.precision={trainer.precision!r}: model=graph trains in float32 or float64",
         )
         _require(not trainer.compile, "trainer.compile=true does not apply to model=graph (it is not a torch graph)")
-
-    _fraction("data.val_fraction", data.val_fraction)
-    if isinstance(data, Poly2dConfig):
-        _require(data.grid_size >= 2, f"data.grid_size={data.grid_size} must be at least 2")
-        _require(len(data.coefficients) == 5, "data.coefficients must hold 5 values (c0..c4)")
-        _require(data.low < data.high, f"data.low={data.low} must be below data.high={data.high}")
-    if isinstance(data, Poly1dConfig):
-        _require(data.degree >= 1, f"data.degree={data.degree} must be at least 1")
-        _require(
-            data.coefficients is None or len(data.coefficients) == data.degree + 1,
-            f"data.coefficients has {len(data.coefficients or [])} values; data.degree={data.degree} needs "
-            f"{data.degree + 1} (k0..k{data.degree})",
-        )
-    if isinstance(data, SineConfig):
-        _require(
-            data.outer_low <= data.low < data.high <= data.outer_high,
-            "data ranges must nest: outer_low <= low < high <= outer_high",
-        )
-        _fraction("data.outer_fraction", data.outer_fraction)
-    if isinstance(data, FileDataConfig):
-        _one_of("data.task", data.task, ("regression", "classification"))
-    for key in ("num_points", "noise"):
-        if hasattr(data, key):
-            _positive(f"data.{key}", getattr(data, key), allow_zero=key == "noise")
-
-    _one_of("optim.name", optim.name, OPTIMIZERS)
-    _positive("optim.lr", optim.lr)
-    _positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
-    _positive("optim.momentum", optim.momentum, allow_zero=True)
-    _require(
-        len(optim.betas) == 2 and all(0.0 <= b < 1.0 for b in optim.betas),
-        f"optim.betas={optim.betas} must hold two values in [0, 1)",
-    )
-    _positive("optim.eps", optim.eps)
-    _positive("optim.lr_decay", optim.lr_decay, allow_zero=True)
-    _require(0.0 <= optim.alpha <= 1.0, f"optim.alpha={optim.alpha} must be in [0, 1]")
-    _require(
-        not (optim.nesterov and optim.momentum == 0),
-        "optim.nesterov=true needs optim.momentum > 0 (Nesterov momentum without momentum is undefined)",
-    )
-
-    _one_of("schedule.name", schedule.name, SCHEDULES)
-    _one_of("schedule.interval", schedule.interval, ("step", "epoch"))
-    _positive("schedule.warmup", schedule.warmup, allow_zero=True)
-    _require(0.0 < schedule.decay <= 1.0, f"schedule.decay={schedule.decay} must be in (0, 1]")
-    _positive("schedule.min_lr", schedule.min_lr, allow_zero=True)
-    _require(
-        schedule.min_lr <= optim.lr,
-        f"schedule.min_lr={schedule.min_lr:g} is above optim.lr={optim.lr:g}; the floor would raise the rate",
-    )
-    _positive("schedule.step_size", schedule.step_size)
-    _positive("schedule.gamma", schedule.gamma)
-
-    _positive("trainer.max_epochs", trainer.max_epochs)
-    _positive("trainer.max_steps", trainer.max_steps, allow_none=True)
-    _positive("trainer.batch_size", trainer.batch_size, allow_none=True)
-    _positive("trainer.grad_accum_steps", trainer.grad_accum_steps)
-    _one_of("trainer.precision", trainer.precision, PRECISIONS)
-    _one_of("trainer.device", trainer.device, ("auto", "cpu", "cuda"))
-    _positive("trainer.clip_grad_norm", trainer.clip_grad_norm, allow_none=True)
-    _positive("trainer.clip_grad_value", trainer.clip_grad_value, allow_none=True)
-    _positive("trainer.log_every", trainer.log_every)
-    _positive("trainer.eval_every", trainer.eval_every, allow_zero=True)
-    _one_of("trainer.progress", trainer.progress, ("auto", "bar", "lines", "off"))
-    _positive("trainer.histogram_every", trainer.histogram_every, allow_zero=True)
-
-    _one_of("trainer.on_nonfinite", trainer.on_nonfinite, ("stop", "skip"))
-    _positive("trainer.max_skipped_steps", trainer.max_skipped_steps)
-
-    _one_of("dist.backend", config.dist.backend, ("auto", "nccl", "gloo"))
-    _positive("dist.timeout_s", config.dist.timeout_s)
-    _positive("dist.checkpoint_timeout_s", config.dist.checkpoint_timeout_s)
-
-    ckpt = config.checkpoint
-    _positive("checkpoint.every_n_steps", ckpt.every_n_steps, allow_zero=True)
-    _positive("checkpoint.keep_last", ckpt.keep_last)
-    _positive("checkpoint.signal_check_every", ckpt.signal_check_every)
-    for key in ckpt.allow_changes:
-        _require(
-            key in CHANGEABLE_ON_RESUME,
-            f"checkpoint.allow_changes: {key!r} cannot change on resume; these can: {', '.join(CHANGEABLE_ON_RESUME)}",
-        )
-    _require(config.resume.strip() != "", "resume='' is empty; use auto, never, or a checkpoint path")
-
-    _require(config.population.size >= 1, f"population.size={config.population.size} must be at least 1")
-    _one_of("objective.mode", config.objective.mode, ("min", "max"))
-    _require(
-        config.objective.metric == "auto" or "/" in config.objective.metric,
-        f"objective.metric={config.objective.metric!r} must be auto or a metric tag such as val/loss or val/accuracy",
-    )
-
-    fault = config.fault
-    _one_of("fault.kind", fault.kind, ("none", "kill", "exit", "hang", "nan"))
-    _positive("fault.step", fault.step)
-    _positive("fault.rank", fault.rank, allow_zero=True)
-    _one_of("fault.attempts", fault.attempts, ("first", "every"))
 
 
 def to_plain(config: Config) -> dict[str, Any]:
