@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -28,7 +30,7 @@ def test_wheel_ships_conf_and_runs_outside_the_checkout(tmp_path: Path) -> None:
 
     # A fresh environment that borrows torch & co. from this one but holds its own copy of dtrain.
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, system_site_packages=False, with_pip=False)
     python = env_dir / "bin" / "python"
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)],
@@ -36,6 +38,7 @@ def test_wheel_ships_conf_and_runs_outside_the_checkout(tmp_path: Path) -> None:
         capture_output=True,
         env=cli_env(),
     )
+    _borrow_site_packages(python)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     where = subprocess.run(
@@ -68,3 +71,25 @@ def test_wheel_ships_conf_and_runs_outside_the_checkout(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def _borrow_site_packages(python: Path) -> None:
+    """Let the venv of ``python`` import what the running interpreter has installed, its own packages first.
+
+    ``system_site_packages=True`` would not do: from inside a venv it shows the base interpreter's
+    site-packages, not this venv's, so torch & co. would be missing. Instead a ``.pth`` in the venv's
+    site-packages lists the running interpreter's site directories, as plain paths: they land on sys.path
+    after the venv's own site-packages (where the wheel's dtrain is), and the ``.pth`` files inside them are
+    not run, so the editable install of the checkout (a path ``.pth`` or an import hook) is not picked up.
+    """
+    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    borrowed = [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+    own = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(own) / "_borrowed_site_packages.pth").write_text("".join(f"{d}\n" for d in borrowed))
