@@ -1,12 +1,10 @@
-"""The in-memory data set every model trains on, and the one function that builds it from config."""
+"""The in-memory data set every model trains on: its splits, shapes and task; built by :mod:`dtrain.data.registry`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-
-from dtrain import config as C
 
 
 @dataclass
@@ -66,21 +64,3 @@ def split_train_val(x: torch.Tensor, y: torch.Tensor, val_fraction: float, gen: 
     num_val = round(val_fraction * x.shape[0])
     val_idx, train_idx = order[:num_val], order[num_val:]
     return Split(x[train_idx], y[train_idx]), Split(x[val_idx], y[val_idx])
-
-
-def build_dataset(cfg: object, seed: int) -> DataSet:
-    """Build the data set that ``cfg`` (one of the ``data/`` schemas) describes, on the CPU in float64."""
-    from dtrain.data import files, synthetic
-
-    gen = torch.Generator().manual_seed(seed)
-    if isinstance(cfg, C.Poly2dConfig):
-        return synthetic.poly2d(cfg, gen)
-    if isinstance(cfg, C.Poly1dConfig):
-        return synthetic.poly1d(cfg, gen)
-    if isinstance(cfg, C.SineConfig):
-        return synthetic.sine(cfg, gen)
-    if isinstance(cfg, C.MoonsConfig):
-        return synthetic.moons(cfg, gen)
-    if isinstance(cfg, C.FileDataConfig):
-        return files.load(cfg, gen)
-    raise TypeError(f"no data set for {type(cfg).__name__}")
