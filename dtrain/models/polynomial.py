@@ -41,6 +41,10 @@ class Polynomial(nn.Module):
             values = torch.tensor(init, dtype=torch.float64)
         for i in range(count):
             self.register_parameter(f"c{i}", nn.Parameter(values[i].clone().to(torch.get_default_dtype())))
+        # The features are built power-major (one torch.cat of whole powers of x, the cheapest layout);
+        # the coefficients are named input-major. Feature column j * inputs + i (input i to the power
+        # degree - j) takes coefficient i * degree + j.
+        self._power_major = [f"c{i * degree + j}" for j in range(degree) for i in range(num_inputs)]
 
     def terms(self) -> list[str]:
         """A readable name for each coefficient's term, in parameter order (``x1^2``, ``x1``, ..., ``1``)."""
@@ -53,8 +57,11 @@ class Polynomial(nn.Module):
         return torch.stack([getattr(self, f"c{i}") for i in range(self.num_inputs * self.degree + 1)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.coefficients()
-        # [B, inputs, degree] -> [B, inputs * degree], input-major as the coefficients are. Plain Python
-        # powers rather than a tensor buffer: DDP would broadcast a buffer on every step.
-        features = torch.stack([x**p for p in range(self.degree, 0, -1)], dim=-1).flatten(1)
-        return features @ c[:-1].unsqueeze(1) + c[-1]
+        # [B, inputs] -> [B, degree * inputs]: x^degree, ..., x^1, side by side. Plain Python powers rather
+        # than a tensor buffer: DDP would broadcast a buffer on every step. One fused multiply-add
+        # (constant + features @ coefficients) does the rest; measured 1.2x faster a training step than
+        # stacking [B, inputs, degree] and adding the constant separately (docs/benchmarks.md).
+        features = torch.cat([x**p if p > 1 else x for p in range(self.degree, 0, -1)], dim=1)
+        weights = torch.stack([getattr(self, name) for name in self._power_major]).unsqueeze(1)
+        constant = getattr(self, f"c{self.num_inputs * self.degree}")
+        return torch.addmm(constant, features, weights)
