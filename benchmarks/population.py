@@ -56,6 +56,7 @@ from dtrain.population.chunking import pick_chunk  # noqa: E402
 from dtrain.population.members import Member  # noqa: E402
 from dtrain.population.run import build_stacked  # noqa: E402
 from dtrain.population.train import fit_population  # noqa: E402
+from dtrain.train.cadence import Cadence  # noqa: E402
 
 MODELS = {
     "mlp": C.MLPConfig(hidden=[64, 64], activation="relu"),
@@ -124,9 +125,10 @@ def population(members: list[Member], data: DataSet, steps: int, chunk: int | No
         picking = time.perf_counter() - started
     else:
         stacked.chunk = chunk
-    trainer = members[0].config.trainer
+    config = members[0].config
+    cadence = Cadence.of(config, batches.steps_per_epoch)
     started = time.perf_counter()
-    fit = fit_population(stacked, members, data, batches, trainer, "sgd", False, lambda step, values: None)
+    fit = fit_population(stacked, members, data, batches, cadence, config.trainer, "sgd", False, lambda s, v: None)
     elapsed = time.perf_counter() - started
     assert fit.total_steps == steps and all(s == "completed" for s in fit.status), fit.status
     return elapsed, stacked.chunk, picking

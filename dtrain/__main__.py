@@ -26,9 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dtrain import launch_env
-from dtrain.config import Config, load, register_configs
+from dtrain.compose import config_dir
+from dtrain.config import load, register_configs
 from dtrain.errors import PeerFailure, RankLocalError, UserError
-from dtrain.results import objective_value
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -36,23 +36,6 @@ EXIT_PEER_FAILURE = 4
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, the same command will succeed later
 # Read once, before main() sets the variable for Hydra: the user's own wish for tracebacks.
 SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"
-
-
-def config_dir() -> str:
-    """The config tree: inside the installed package (wheel, container), else the source checkout's ``conf/``."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    if (packaged / "config.yaml").is_file():
-        return str(packaged)
-    return str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def compose_config(overrides: list[str]) -> Config:
-    """The checked config that ``python -m dtrain OVERRIDES`` would run, composed without starting a job
-    (for the subcommands, which take the same overrides as training)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return load(compose(config_name="config", overrides=list(overrides)))
 
 
 def setup_logging(rank: int) -> None:
@@ -106,7 +89,7 @@ def _run_job(cfg: DictConfig) -> float:
         config = load(cfg)
         from dtrain.run import train  # the trainer (and torch's heavier parts) only once the config is good
 
-        summary = train(config, Path(HydraConfig.get().runtime.output_dir))
+        result = train(config, Path(HydraConfig.get().runtime.output_dir))
     except UserError as exc:
         if rank == 0:
             remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
@@ -119,17 +102,14 @@ def _run_job(cfg: DictConfig) -> float:
                 print(f"dtrain: error: {exc}", file=sys.stderr, flush=True)
             return worst
         fail(str(exc), EXIT_PEER_FAILURE if isinstance(exc, PeerFailure) else EXIT_USER_ERROR, quiet=quiet)
-    log = logging.getLogger("dtrain")
-    if summary["status"] in ("diverged", "preempted"):
+    if result.status in ("diverged", "preempted"):
         if rank == 0:
-            print(f"dtrain: {summary['_message']}", file=sys.stderr, flush=True)
+            print(f"dtrain: {result.message}", file=sys.stderr, flush=True)
         if not sweeping:
-            sys.exit(EXIT_DIVERGED if summary["status"] == "diverged" else EXIT_PREEMPTED)
+            sys.exit(EXIT_DIVERGED if result.status == "diverged" else EXIT_PREEMPTED)
     elif rank == 0:
-        from dtrain.train.logger import summary_table
-
-        log.info("%s", summary.get("_table") or summary_table(summary, summary["_run_dir"]))
-    return objective_value(summary, config.objective.metric, config.objective.mode)
+        logging.getLogger("dtrain").info("%s", result.table)
+    return result.objective(config.objective.metric, config.objective.mode)
 
 
 def placed_by_submitit() -> bool:
@@ -159,20 +139,20 @@ def hydra_error_line(exc: BaseException) -> str:
     return text
 
 
-SUBCOMMANDS = ("gradcheck", "report", "lr-find")
+# The subcommands, each a module with ``main(argv) -> exit status``: imported only when named.
+SUBCOMMANDS = {
+    "gradcheck": "dtrain.check",  # the configured model's gradients against finite differences
+    "report": "dtrain.report",  # an offline HTML (or PNG) report of finished runs
+    "lr-find": "dtrain.population.lr_find",  # where gradient descent stops being stable
+}
 
 
 def run_subcommand(name: str, argv: list[str]) -> None:
     """``dtrain gradcheck|report|lr-find ...``: user errors as one line (exit 2), a failed check exits 1."""
-    if name == "report":
-        from dtrain import report as command
-    elif name == "lr-find":
-        from dtrain.population import lr_find as command
-    else:
-        from dtrain import check as command
+    import importlib
 
     try:
-        code = command.main(argv)
+        code = importlib.import_module(SUBCOMMANDS[name]).main(argv)
     except (UserError, HydraException, OmegaConfBaseException) as exc:
         if SHOW_TRACEBACKS:
             raise

@@ -14,21 +14,23 @@ import sys
 import torch
 from torch import nn
 
-from dtrain.config import Config
+from dtrain.compose import compose_config
+from dtrain.config import Config, TrainerConfig
 from dtrain.data import build_dataset
+from dtrain.dist import DistEnv
 from dtrain.graph.gradcheck import central_differences, relative_error
 from dtrain.models import build_model
-from dtrain.models.graph import GraphModel
 from dtrain.train.objective import loss_fn
+from dtrain.train.strategy import build_strategy
 
 
 def analytic_grads(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    """d(loss)/d(parameter) as the model computes it in training."""
+    """d(loss)/d(parameter) as training computes it: through the model's own strategy on one process
+    (torch.autograd, or the engine's backward for ``model=graph``)."""
+    one_process = DistEnv(rank=0, world_size=1, local_rank=0, device=x.device, backend=None)
+    strategy = build_strategy(model, one_process, TrainerConfig(precision="float64"), loss_fn(task))
     model.zero_grad(set_to_none=True)
-    if isinstance(model, GraphModel):
-        model.loss_and_backward(x, y)
-    else:
-        loss_fn(task)(model(x), y).backward()
+    strategy.forward_backward([(x, y)], step=1)
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -52,8 +54,6 @@ def check_gradients(config: Config, samples: int, eps: float) -> dict[str, float
 
 def main(argv: list[str]) -> int:
     """``dtrain gradcheck [--samples N] [--eps E] [--tolerance T] [hydra overrides]``; returns the exit status."""
-    from dtrain.__main__ import compose_config
-
     parser = argparse.ArgumentParser(prog="dtrain gradcheck", description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=16, help="training points in the batch (default 16)")
     parser.add_argument("--eps", type=float, default=1e-6, help="finite-difference step (default 1e-6)")

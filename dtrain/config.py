@@ -370,7 +370,7 @@ class CheckpointConfig:
     keep_last: int = 3  # older checkpoints are deleted
     overwrite: bool = False  # resume=never in a run directory that holds checkpoints: allowed only with this
     allow_changes: list[str] = field(default_factory=list)  # keys that may differ from the checkpoint's config
-    signal_check_every: int = 1  # steps between the ranks' agreement on a preemption signal
+    signal_check_every: int = 100  # logging steps agree on a stop signal for free; this bounds the wait between them
 
     def check(self) -> None:
         _positive("checkpoint.every_n_steps", self.every_n_steps, allow_zero=True)

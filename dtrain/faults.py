@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -29,6 +30,11 @@ class Faults:
     def poisons(self, step: int) -> bool:
         """``fault.kind=nan``: whether optimizer step ``step`` (1-based) gets a NaN loss on this rank."""
         return self.armed and self.cfg.kind == "nan" and step == self.cfg.step
+
+    def loss_scale(self, step: int) -> float:
+        """What step ``step``'s loss (and so its gradients) is multiplied by on this rank: NaN where it is
+        poisoned, else 1."""
+        return math.nan if self.poisons(step) else 1.0
 
     def after_step(self, step: int, stop_requested: Callable[[], bool]) -> None:
         """Fire kill/exit/hang once ``step`` steps are done (and checkpointed, if one was due)."""

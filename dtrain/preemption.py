@@ -1,9 +1,12 @@
 """Preemption: SIGTERM and SIGUSR1 ask the run to save a checkpoint and exit at the next step boundary.
 
-The handler only records the signal; the trainer polls :meth:`Preemption.agreed` at step boundaries,
-where all ranks combine their flags in one collective, so they stop at the same step even when the
-signal reached them at different times. SLURM sends SIGUSR1 before a time limit (``--signal=USR1@90``);
-torchrun's agent forwards SIGTERM to its workers and kills them 30 s later.
+The handler only records the signal. The ranks must stop at the same step even when the signal reached
+them at different times, so they agree on it where they already meet: each logging step's metrics
+all-reduce carries every rank's flag (:meth:`Preemption.flag`, :meth:`Preemption.observe`) at no extra
+cost. Where logging steps are far apart, the cadence also asks for an own, asynchronous agreement every
+``checkpoint.signal_check_every`` steps (:meth:`Preemption.agreed`), which bounds the wait. One process
+needs no agreement and looks at its flag every step. SLURM sends SIGUSR1 before a time limit
+(``--signal=USR1@90``); torchrun's agent forwards SIGTERM to its workers and kills them 30 s later.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 class Preemption:
     """Installs the handlers while the run trains (a context manager) and answers whether to stop."""
 
-    def __init__(self, env: DistEnv, check_every: int) -> None:
+    def __init__(self, env: DistEnv) -> None:
         self.env = env
-        self.check_every = check_every
         self.received: int | None = None
+        self._agreed = False  # a logging step's all-reduce showed a flag on some rank
         self._previous: dict[int, object] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None  # (work, flag) of the last check
 
@@ -54,30 +57,41 @@ class Preemption:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
 
-    def agreed(self, step: int) -> bool:
-        """Whether any rank received a stop signal: the same answer on every rank.
+    def flag(self) -> float:
+        """This rank's flag for a logging step's all-reduce: 1 once a stop signal arrived here, else 0."""
+        return 0.0 if self.received is None else 1.0
 
-        Every ``check_every`` steps each rank starts a one-element all-reduce (MAX) of its flag on a CPU
-        gloo group, asynchronously, and reads the one it started at the previous check: the ranks decide
-        one check later than they could, but nobody waits for the round trip, and it never waits for the
-        GPU's queue. All ranks start and read the same collectives, so they stop at the same step.
+    def observe(self, flags: float) -> None:
+        """The flags summed over every rank at a logging step: any stop signal anywhere makes the ranks agree."""
+        if flags > 0:
+            self._agreed = True
+
+    def agreed(self, step: int, check_now: bool = True) -> bool:
+        """Whether to stop after ``step``: the same answer on every rank, called by every rank at every step.
+
+        True once a logging step carried some rank's flag. Besides, where ``check_now`` (the cadence's
+        own check) each rank starts a one-element all-reduce (MAX) of its flag on a CPU gloo group,
+        asynchronously, and reads the one it started at the previous own check: nobody waits for the round
+        trip, and it never waits for the GPU's queue. All ranks start and read the same collectives.
         """
-        if step % self.check_every:
-            return False
         if not self.env.distributed:
             return self.received is not None
-        stop = False
+        if self._agreed:
+            return True
+        if not check_now:
+            return False
         if self._pending is not None:
             work, flag = self._pending
             current_op("preemption-signal agreement", step)
             work.wait()
-            stop = bool(flag.item())
             self._pending = None
-        if not stop:
-            flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
-            work = torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self.env.cpu_group, async_op=True)
-            self._pending = (work, flag)
-        return stop
+            if flag.item():
+                self._agreed = True
+                return True
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
+        work = torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self.env.cpu_group, async_op=True)
+        self._pending = (work, flag)
+        return False
 
     def finish(self) -> None:
         """Wait for the agreement still in flight (every rank started it), before the group goes away."""

@@ -1,4 +1,4 @@
-"""A run's results as a sweep sees them: ``metrics.json`` and the objective read from it.
+"""A run's results: what ``dtrain.run.train`` returns, ``metrics.json``, and the objective read from it.
 
 Kept free of torch and the trainer, so a sweep's launcher process can score trials cheaply.
 """
@@ -8,8 +8,43 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dtrain.population.train import PopulationFit
+
+
+@dataclass
+class RunResult:
+    """How a run (single or population) ended, on this rank."""
+
+    status: str  # completed | diverged | preempted
+    run_dir: Path
+    summary: dict[str, Any]  # what metrics.json holds (on rank 0; elsewhere just the status)
+    message: str = ""  # why it ended early, one line (diverged, preempted)
+    table: str = ""  # the end-of-run table for the console (rank 0)
+    population: PopulationFit | None = None  # every member's results (rank 0 of a population run)
+
+    def objective(self, metric: str = "auto", mode: str = "min") -> float:
+        """The number a sweeper optimises (:func:`objective_value`)."""
+        return objective_value(self.summary, metric, mode)
+
+
+def hparam_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The final metrics the HParams dashboard compares runs by: losses, accuracies, throughput, time."""
+    keep = ("train/", "val/")
+    return {
+        k: v
+        for k, v in summary.items()
+        if isinstance(v, float) and (k.startswith(keep) or k in ("samples_per_sec", "wall_time_s"))
+    }
+
+
+def metrics_json(summary: Mapping[str, Any]) -> str:
+    """``metrics.json``'s text: strict JSON, a non-finite value (a diverged loss) written as null."""
+    return json.dumps(finite_or_none(dict(summary)), indent=2, allow_nan=False) + "\n"
 
 
 def objective_metric(metric: str, summary: Mapping[str, Any]) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import dtrain.__main__ as entry
+from dtrain import compose as entry
 from dtrain import config as C
 from dtrain.config import Config, ConfigError, MLPConfig, PolynomialConfig
 from tests.conftest import REPO, cli_env, run_dtrain

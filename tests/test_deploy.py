@@ -21,7 +21,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-import dtrain.__main__ as entry
+from dtrain import compose as entry
 from dtrain.config import Config, load
 from tests.conftest import REPO
 

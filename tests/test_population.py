@@ -13,20 +13,22 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-import dtrain.__main__ as entry
+from dtrain.compose import compose_config as compose
 from dtrain.config import Config, ConfigError
 from dtrain.data import build_dataset
 from dtrain.population.chunking import FUSING_MARGIN, chunk_candidates, pick_chunk
+from dtrain.population.leaderboard import member_name
 from dtrain.population.lr_find import Trial, analyse
 from dtrain.population.members import evenly_spaced, expand_members, member_values
 from dtrain.population.run import build_stacked
 from dtrain.run import train
 from dtrain.train.objective import loss_fn
 from tests.conftest import assert_ok, launch, run_dtrain
+from tests.tb import scalars
 
 
 def compose_config(*overrides: str) -> Config:
-    return entry.compose_config(list(overrides))
+    return compose(list(overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ def test_stacked_losses_and_gradients_equal_each_members_own(model: tuple[str, .
     data = build_dataset(config.data, config.seed).to(torch.device("cpu"), torch.float64)
     x, y = data.train.x, data.train.y
     stacked = build_stacked(members, data, torch.device("cpu"), torch.float64)
-    from dtrain.run import build_initial_model
+    from dtrain.models import build_initial_model
 
     for chunk in (5, 2, 1):
         stacked.chunk = chunk
@@ -197,31 +199,38 @@ SMALL_MLP = (
 )
 def test_each_member_equals_its_single_run(tmp_path: Path, varied: tuple[str, ...]) -> None:
     config = compose_config(*SMALL_MLP, *varied)
-    summary = train(config, tmp_path / "population")
-    results = summary["_results"]
+    results = train(config, tmp_path / "population").population
+    assert results is not None
     for i, member in enumerate(expand_members(config)):
         single = train(member.config, tmp_path / f"single{i}")
-        assert single["status"] == "completed"
+        assert single.status == "completed"
         for tag in ("train/loss", "val/loss", "grad_norm/total", "lr"):
-            assert results["metrics"][i][tag] == pytest.approx(single[tag], rel=1e-10), (i, tag)
+            assert results.metrics[i][tag] == pytest.approx(single.summary[tag], rel=1e-10), (i, tag)
+        # Measured at the same steps: the member's TensorBoard run logs and evaluates where its single run does.
+        member_scalars = scalars(tmp_path / "population" / "members" / member_name(i, len(results.status)))
+        single_scalars = scalars(tmp_path / f"single{i}")
+        for tag in ("train/loss", "val/loss"):
+            assert [s for s, _ in member_scalars[tag]] == [s for s, _ in single_scalars[tag]], (i, tag)
 
 
 def test_a_diverging_member_is_frozen_while_the_others_train_on(tmp_path: Path) -> None:
     overrides = ("data.val_fraction=0", "trainer.max_epochs=100", "trainer.precision=float64", "trainer.progress=off")
     config = compose_config(*overrides, "trainer.figures=false", "population.optim.lr=[0.01,100.0,0.1]")
-    results = train(config, tmp_path / "population")["_results"]
-    assert results["status"] == ["completed", "diverged", "completed"]
-    assert results["steps"][1] < 100 and math.isnan(results["metrics"][1]["train/loss"])
+    results = train(config, tmp_path / "population").population
+    assert results is not None
+    assert results.status == ["completed", "diverged", "completed"]
+    assert results.steps[1] < 100 and math.isnan(results.metrics[1]["train/loss"])
     for i in (0, 2):
         single = train(expand_members(config)[i].config, tmp_path / f"single{i}")
-        assert results["metrics"][i]["train/loss"] == pytest.approx(single["train/loss"], rel=1e-10)
+        assert results.metrics[i]["train/loss"] == pytest.approx(single.summary["train/loss"], rel=1e-10)
 
 
 def test_graph_population_equals_the_torch_population(tmp_path: Path) -> None:
     common = (*SMALL_MLP[2:], "model.hidden=[8,8]", "optim=adam", "population.optim.lr=[1e-3,1e-2]")
     torch_run = train(compose_config("model=mlp", "model.activation=tanh", *common), tmp_path / "torch")
     graph_run = train(compose_config("model=graph", "model.graph=mlp", *common), tmp_path / "graph")
-    for ours, theirs in zip(graph_run["_results"]["metrics"], torch_run["_results"]["metrics"], strict=True):
+    assert graph_run.population is not None and torch_run.population is not None
+    for ours, theirs in zip(graph_run.population.metrics, torch_run.population.metrics, strict=True):
         assert ours["val/loss"] == pytest.approx(theirs["val/loss"], rel=1e-9)
 
 
@@ -315,7 +324,8 @@ def test_analyse_finds_the_boundary_of_a_sorted_or_shuffled_sweep() -> None:
 def test_lr_find_finds_the_stability_limit_of_the_surface(tmp_path: Path) -> None:
     """Plain gradient descent on the 30x30 surface: stable below 2 / 12.86 = 0.1555, and the original example's
     0.01 far below the best rate."""
-    proc = launch("lr-find", "data.val_fraction=0", "--members", "16", "--refine", "2", "--out", str(tmp_path))
+    overrides = ("data.val_fraction=0", "optim.lr=0.01")
+    proc = launch("lr-find", *overrides, "--members", "16", "--refine", "2", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     finding = json.loads((tmp_path / "lr_find.json").read_text())["finding"]
     assert finding["hessian_lambda_max"] == pytest.approx(12.8615, abs=1e-3)
@@ -348,9 +358,10 @@ def test_what_a_population_cannot_do_is_refused_before_training(tmp_path: Path, 
 
 def test_a_population_whose_members_all_diverge_ends_diverged_without_a_preset(tmp_path: Path) -> None:
     config = compose_config("data.val_fraction=0", "trainer.precision=float64", "population.optim.lr=[100.0,200.0]")
-    summary = train(config, tmp_path / "run")
-    assert summary["status"] == "diverged" and summary["_results"]["status"] == ["diverged", "diverged"]
-    assert summary["_results"]["steps"][0] < 100  # stopped once no member trained, not at max_epochs
+    result = train(config, tmp_path / "run")
+    assert result.status == "diverged" and result.population is not None
+    assert result.population.status == ["diverged", "diverged"]
+    assert result.population.steps[0] < 100  # stopped once no member trained, not at max_epochs
     assert not (tmp_path / "run" / "experiment").exists()
     assert json.loads((tmp_path / "run" / "population.json").read_text())["best"] is None
 

@@ -320,7 +320,7 @@ def test_two_processes_with_only_slurm_variables_train_as_two_ranks(tmp_path: Pa
     from dtrain.run import train
 
     with torch.random.fork_rng():
-        summary = train(load(cfg), tmp_path / "single")
+        summary = train(load(cfg), tmp_path / "single").summary
     assert summary["world_size"] == 1 and summary["steps"] == run.metrics["steps"] > 0
     single = torch.load(tmp_path / "single" / "model.pt")
     two = run.params()
@@ -340,7 +340,7 @@ def test_sigusr2_saves_first_then_reaches_the_handler_it_displaced() -> None:
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
     try:
         env = dist.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
-        with Preemption(env, check_every=1) as preemption:
+        with Preemption(env) as preemption:
             os.kill(os.getpid(), signal.SIGUSR2)
             assert preemption.agreed(1) and calls == []  # ours first: the checkpoint comes before the requeue
         assert calls == [signal.SIGUSR2]

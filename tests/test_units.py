@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 
@@ -10,26 +9,9 @@ import pytest
 import torch
 
 from dtrain import dist, launch_env
-from dtrain.data.dataset import Split
-from dtrain.models import MLP
-from dtrain.train.trainer import evaluate
 from tests.conftest import REPO, cli_env
 
 ONE_PROCESS = dist.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
-
-
-def test_chunked_evaluation_equals_one_pass() -> None:
-    torch.manual_seed(0)
-    model = MLP(2, [8], 3).double()
-    x = torch.randn(103, 2, dtype=torch.float64)
-    val = {"": Split(x, torch.randint(0, 3, (103,)))}
-    whole = evaluate(model, val, "classification", ONE_PROCESS, contextlib.nullcontext, chunk=1000)
-    chunked = evaluate(model, val, "classification", ONE_PROCESS, contextlib.nullcontext, chunk=7)
-    assert whole.keys() == {"val/loss", "val/accuracy"}
-    for key in whole:
-        assert chunked[key] == pytest.approx(whole[key], rel=1e-12)
-    logits = model(x)
-    assert whole["val/loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, val[""].y).item(), rel=1e-12)
 
 
 def test_launch_id_ignores_a_stray_world_size(monkeypatch) -> None:

@@ -42,7 +42,7 @@ def test_wheel_ships_conf_and_runs_outside_the_checkout(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     where = subprocess.run(
-        [str(python), "-c", "import dtrain.__main__ as m; print(m.__file__); print(m.config_dir())"],
+        [str(python), "-c", "import dtrain.compose as m; print(m.__file__); print(m.config_dir())"],
         cwd=elsewhere,
         check=True,
         capture_output=True,

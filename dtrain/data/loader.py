@@ -13,6 +13,7 @@ contiguous ``B/world`` slice of it. So
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -70,22 +71,30 @@ class ShardedBatches:
         self.seed = seed
         self.grad_accum_steps = grad_accum_steps
         self.steps_per_epoch = num // batch
+        self._full_batch: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # built on first use
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Yield, for each optimizer step of ``epoch`` from ``start_step`` on (a resumed run starts mid-epoch),
         this rank's ``grad_accum_steps`` micro-batches."""
-        # Full batch: every step sees all samples, so the order cannot matter to the mean; slice
-        # contiguous views instead of gathering a shuffled copy of the whole set every step.
+        # Full batch: every step sees all samples, so the order cannot matter to the mean; the same
+        # contiguous views serve every step, rather than a shuffled copy of the whole set.
         full_batch = self.global_batch == len(self.split)
-        if not full_batch:
-            perm = epoch_permutation(len(self.split), self.seed, epoch).to(self.split.x.device, non_blocking=True)
+        if full_batch:
+            if self._full_batch is None:
+                self._full_batch = next(self._batches(0, None))
+            return itertools.repeat(self._full_batch, self.steps_per_epoch - start_step)
+        perm = epoch_permutation(len(self.split), self.seed, epoch).to(self.split.x.device, non_blocking=True)
+        return self._batches(start_step, perm)
+
+    def _batches(self, start_step: int, perm: torch.Tensor | None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The micro-batches of each step from ``start_step`` on: contiguous slices, or the rows ``perm`` picks."""
         rank_batch = self.micro_batch * self.grad_accum_steps
         for step in range(start_step, self.steps_per_epoch):
             start = step * self.global_batch + self.rank * rank_batch
             micro = []
             for m in range(self.grad_accum_steps):
                 lo, hi = start + m * self.micro_batch, start + (m + 1) * self.micro_batch
-                if full_batch:
+                if perm is None:
                     micro.append((self.split.x[lo:hi], self.split.y[lo:hi]))
                 else:
                     idx = perm[lo:hi]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from dtrain import config as C
@@ -47,9 +48,24 @@ def _graph(cfg: C.GraphModelConfig, data: DataSet) -> nn.Module:
 BUILDERS: dict[str, Callable[..., nn.Module]] = {"polynomial": _polynomial, "mlp": _mlp, "graph": _graph}
 
 
+def build_initial_model(config: C.Config, data: DataSet) -> nn.Module:
+    """The model with its initial weights, drawn from ``init_seed`` (or ``seed``): the same on every rank."""
+    torch.manual_seed(config.seed if config.init_seed is None else config.init_seed)
+    return build_model(config.model, data)
+
+
+def gradient_source(model: nn.Module) -> str:
+    """Where ``model``'s gradients come from: ``engine`` (dtrain's own autodiff, ``model=graph``) or
+    ``autograd``. The one place the package asks which kind of model it holds; the callers pick what
+    differs (the training strategy, a population's stacking) from tables keyed by this answer."""
+    from dtrain.models.graph import GraphModel
+
+    return "engine" if isinstance(model, GraphModel) else "autograd"
+
+
 def build_model(cfg: object, data: DataSet) -> nn.Module:
     """Build the model that ``cfg`` names, sized for ``data``'s inputs and outputs (in float32, on CPU)."""
     return BUILDERS[cfg.name](cfg, data)  # type: ignore[attr-defined]
 
 
-__all__ = ["BUILDERS", "MLP", "Polynomial", "build_model"]
+__all__ = ["BUILDERS", "MLP", "Polynomial", "build_initial_model", "build_model", "gradient_source"]

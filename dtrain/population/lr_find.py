@@ -33,12 +33,14 @@ import torch
 
 from dtrain import launch_env
 from dtrain.atomic import write_atomic
+from dtrain.compose import compose_config
 from dtrain.config import Config, ConfigError
 from dtrain.errors import UserError
+from dtrain.models import build_initial_model
 from dtrain.population.members import evenly_spaced
 from dtrain.population.run import is_population
 from dtrain.results import finite_or_none
-from dtrain.run import build_initial_model, train
+from dtrain.run import train
 
 HESSIAN_MAX_PARAMS = 2000  # an exact Hessian beyond this costs more than the search itself
 
@@ -101,12 +103,12 @@ def hessian_lambda_max(config: Config) -> float | None:
     from torch.func import functional_call
 
     from dtrain.data import build_dataset
-    from dtrain.models.graph import GraphModel
+    from dtrain.models import gradient_source
     from dtrain.train.objective import loss_fn
 
     data = build_dataset(config.data, config.seed).to(torch.device("cpu"), torch.float64)
     model = build_initial_model(config, data).to(torch.float64)
-    if isinstance(model, GraphModel):
+    if gradient_source(model) == "engine":  # its loss is not a torch function of the parameters
         return None
     named = dict(model.named_parameters())
     if sum(p.numel() for p in named.values()) > HESSIAN_MAX_PARAMS:
@@ -165,11 +167,12 @@ def population_config(config: Config, rates: list[float], steps: int) -> Config:
 
 def run_round(config: Config, rates: list[float], steps: int, out: Path) -> list[Trial]:
     """Train one population over ``rates``; each member's loss record."""
-    results = train(population_config(config, rates, steps), out)["_results"]
+    results = train(population_config(config, rates, steps), out).population
+    assert results is not None  # lr-find runs on one process: rank 0's
     return [
         Trial(lr, first, lowest, last, status)
         for lr, first, lowest, last, status in zip(
-            rates, results["first_loss"], results["min_loss"], results["last_loss"], results["status"], strict=True
+            rates, results.first_loss, results.min_loss, results.last_loss, results.status, strict=True
         )
     ]
 
@@ -246,8 +249,6 @@ def describe(finding: Finding) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """``dtrain lr-find [--min LO] [--max HI] [--members M] [--steps N] [--refine R] [--out DIR] [overrides]``."""
-    from dtrain.__main__ import compose_config
-
     parser = argparse.ArgumentParser(prog="dtrain lr-find", description=__doc__.splitlines()[0])
     parser.add_argument("--min", type=float, default=1e-4, help="smallest rate (default 1e-4)")
     parser.add_argument("--max", type=float, default=1.0, help="largest rate (default 1)")

@@ -10,6 +10,7 @@ the best member's preset and ``metrics.json`` (the best member's metrics).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
@@ -24,16 +25,18 @@ from dtrain.config import Config, ConfigError
 from dtrain.data import ShardedBatches, build_dataset, shard_bounds
 from dtrain.data.dataset import DataSet
 from dtrain.graph import builders
-from dtrain.models.graph import GraphModel
+from dtrain.models import build_initial_model, gradient_source
 from dtrain.population import leaderboard
 from dtrain.population.chunking import pick_chunk
 from dtrain.population.members import Member, describe, expand_members, varied_specs
 from dtrain.population.stacked import StackedGraphModel, StackedModel, StackedTorchModel
 from dtrain.population.train import PopulationFit, fit_population
-from dtrain.results import objective_metric
-from dtrain.run import build_initial_model, check_objective, hparam_metrics, metrics_json, open_run_dir
+from dtrain.results import RunResult, hparam_metrics, metrics_json, objective_metric
+from dtrain.run_dir import open_run_dir
+from dtrain.train.cadence import Cadence
 from dtrain.train.logger import RunLogger
-from dtrain.train.trainer import param_dtype
+from dtrain.train.objective import check_objective
+from dtrain.train.strategy import param_dtype
 
 log = logging.getLogger("dtrain")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -75,8 +78,9 @@ def build_stacked(members: list[Member], data: DataSet, device: torch.device, dt
         if seed not in singles:  # members that share a seed share initial weights: build once
             singles[seed] = build_initial_model(member.config, data).to(device, dtype)
         models.append(singles[seed])
-    if not isinstance(models[0], GraphModel):
+    if gradient_source(models[0]) == "autograd":
         return StackedTorchModel(models, data.task)
+    # The engine's members: their graphs rebuilt over member-stacked parameter tensors.
     names = [node.name for node in models[0].built.parameters]
     params = [torch.stack([m.built.parameters[k].tensor.detach() for m in models]) for k in range(len(names))]
     cfg = members[0].config.model
@@ -144,7 +148,7 @@ def _gather(values: dict[str, list[Any]], env: dist.DistEnv) -> dict[str, list[A
     return {tag: [v for part in parts for v in part[tag]] for tag in parts[0]}
 
 
-def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[str, Any]:
+def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     """Train the population ``config`` describes; rank 0 writes the results into ``run_dir``."""
     members = expand_members(config)
     check_population(config, env.world_size, members)
@@ -187,52 +191,47 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> dict[s
         return bool(dist.all_reduce_sum(flag, env).item() > 0)
 
     try:
+        cadence = Cadence.of(config, batches.steps_per_epoch)
         sections = config.trainer, config.optim.name, config.optim.nesterov
-        every = config.checkpoint.every_n_steps
-        fit = fit_population(model, local, data, batches, *sections, report, any_training, every)
+        fit = fit_population(model, local, data, batches, cadence, *sections, report, any_training)
         results = _gather_fit(fit, env)
-        summary: dict[str, Any] = {}
+        result = RunResult("", run_dir, {})
         if env.is_main:
             assert results is not None
-            summary = _write_results(run_dir, config, members, results, logger, env.world_size)
+            result = _write_results(run_dir, config, members, results, logger, env.world_size)
     finally:
         logger.close()
     # Every rank ends as rank 0 says (its exit status does not depend on its own share).
-    status = dist.broadcast_str(summary.get("status", ""), env)
+    result.status = dist.broadcast_str(result.status, env)
     dist.barrier(env)
     if not env.is_main:
-        summary = {"status": status, "_message": "", "_run_dir": str(run_dir)}
-    return summary
+        result.summary = {"status": result.status}
+    return result
 
 
-def _gather_fit(fit: PopulationFit, env: dist.DistEnv) -> dict[str, Any] | None:
+def _gather_fit(fit: PopulationFit, env: dist.DistEnv) -> PopulationFit | None:
     """Every rank's results on rank 0 (None elsewhere): per-member lists in member order, throughput summed."""
-    fields = {
-        "status": fit.status,
-        "steps": fit.steps,
-        "metrics": fit.metrics,
-        "first_loss": fit.first_loss,
-        "min_loss": fit.min_loss,
-        "last_loss": fit.last_loss,
-        "member_samples_per_sec": [fit.member_samples_per_sec],
-    }
-    merged: dict[str, Any] | None = _gather(fields, env)
+    per_member = ("status", "steps", "metrics", "first_loss", "min_loss", "last_loss")
+    fields = {name: getattr(fit, name) for name in per_member}
+    merged = _gather(fields | {"member_samples_per_sec": [fit.member_samples_per_sec]}, env)
     if merged is None:
         return None
-    merged["member_samples_per_sec"] = sum(merged["member_samples_per_sec"])  # every rank's members
-    merged.update(total_steps=fit.total_steps, wall_time_s=fit.wall_time_s)
-    return merged
+    return dataclasses.replace(
+        fit,
+        **{name: merged[name] for name in per_member},
+        member_samples_per_sec=sum(merged["member_samples_per_sec"]),  # every rank's members
+    )
 
 
 def _write_results(
     run_dir: Path,
     config: Config,
     members: list[Member],
-    results: dict[str, Any],
+    results: PopulationFit,
     logger: PopulationLogger,
     world_size: int,
-) -> dict[str, Any]:
-    rows = leaderboard.make_rows(members, results["status"], results["steps"], results["metrics"])
+) -> RunResult:
+    rows = leaderboard.make_rows(members, results.status, results.steps, results.metrics)
     for row, member_logger in zip(rows, logger.members, strict=True):
         hparams = {key: float(value) for key, value in row.member.values.items()}
         member_logger.hparams(hparams | {"member": row.member.index, "status": row.status}, hparam_metrics(row.metrics))
@@ -245,9 +244,9 @@ def _write_results(
     diverged = sum(row.status == "diverged" for row in rows)
     summary: dict[str, Any] = dict(sorted(best.metrics.items())) if completed else {}
     summary.update(
-        steps=results["total_steps"],
-        samples_per_sec=results["member_samples_per_sec"],
-        wall_time_s=results["wall_time_s"],
+        steps=results.total_steps,
+        samples_per_sec=results.member_samples_per_sec,
+        wall_time_s=results.wall_time_s,
         world_size=world_size,
         status="completed" if completed else "diverged",
         population_size=len(members),
@@ -267,8 +266,5 @@ def _write_results(
     if completed:
         lines.append(f"  rerun best    {leaderboard.rerun_command(run_dir)}")
     lines.append(f"  tensorboard   tensorboard --logdir {run_dir}")
-    summary["_table"] = "\n".join(lines)
-    summary["_message"] = "" if completed else "every member of the population diverged"
-    summary["_run_dir"] = str(run_dir)
-    summary["_results"] = results
-    return summary
+    message = "" if completed else "every member of the population diverged"
+    return RunResult(summary["status"], run_dir, summary, message, table="\n".join(lines), population=results)

@@ -1,8 +1,9 @@
 """The population's training loop: every member steps at once, each with its own hyperparameters.
 
-It mirrors ``dtrain.train.trainer.fit`` step for step (the same batches, the same schedule arithmetic,
-gradient norms before clipping, value clipping before norm clipping, logging at the same steps, its
-checkpoint steps included), so a member rerun alone follows the same trajectory. What differs: members
+It takes the single run's steps (the same batches, the same schedule arithmetic, gradient norms before
+clipping, value clipping before norm clipping), and the single run's :class:`~dtrain.train.cadence.Cadence`
+decides when it logs and evaluates (checkpoint steps are logging steps there too), so a member rerun
+alone follows the same trajectory and is measured at the same steps. What differs: members
 that go non-finite are frozen and marked ``diverged`` while the others continue; there are no
 checkpoints (population runs are short; run again to redo one).
 
@@ -31,8 +32,8 @@ from dtrain.population.optim import (
     member_grad_norms,
 )
 from dtrain.population.stacked import StackedModel
+from dtrain.train.cadence import Cadence
 from dtrain.train.objective import metric_sums, val_tag
-from dtrain.train.trainer import run_length
 
 # (step, {tag: one value per local member}): called at logging steps and evaluations.
 Report = Callable[[int, dict[str, list[float]]], None]
@@ -117,21 +118,22 @@ def fit_population(
     members: list[Member],
     data: DataSet,
     batches: ShardedBatches,
+    cadence: Cadence,
     trainer: TrainerConfig,
     optim_name: str,
     nesterov: bool,
     report: Report,
     any_training: AnyTraining = lambda local: local,
-    checkpoint_every: int = 0,
 ) -> PopulationFit:
     """Train this rank's ``members`` (stacked in ``model``) together on the full training data.
 
-    ``checkpoint_every`` is the single run's ``checkpoint.every_n_steps``: a population saves no checkpoints,
-    but logs at those steps as a single run does, so that its members' logged windows are the same.
+    ``cadence`` is the single run's: a population saves no checkpoints, but it logs at the steps a single
+    run logs (checkpoint steps included), so its members' logged windows are the same, and evaluates
+    where a single run evaluates.
     """
     params = model.params
     device, dtype, m = params[0].device, params[0].dtype, len(members)
-    total_steps = run_length(batches.steps_per_epoch, trainer)
+    total_steps = cadence.total_steps
     schedule = members[0].config.schedule  # members may differ in its values, never in its interval
     per_epoch = schedule.interval == "epoch"
     rates = MemberRates(members, schedule_length(schedule, total_steps, batches.steps_per_epoch), device, dtype)
@@ -155,7 +157,7 @@ def fit_population(
     began = last_log = time.perf_counter()
     aside = 0.0  # seconds spent evaluating: left out of the throughput, as in a single run
     model.train(True)
-    step, epoch, stopped = 0, 0, False
+    step, epoch, evaluated_at, stopped = 0, 0, -1, False
     while step < total_steps:
         for micro_batches in batches.epoch(epoch):
             step += 1
@@ -193,9 +195,7 @@ def fit_population(
             last_loss = torch.where(active | (frozen_at == step), losses, last_loss)
             loss_sum += losses
             steps_since_log += 1
-            # A single run also logs at its checkpoint steps: the same windows give the same train/loss.
-            checkpoint_due = bool(checkpoint_every and step % checkpoint_every == 0)
-            if step % trainer.log_every == 0 or step == total_steps or checkpoint_due:
+            if cadence.logs(step):
                 now = time.perf_counter()
                 values = {
                     "train/loss": (loss_sum / steps_since_log).tolist(),
@@ -219,7 +219,8 @@ def fit_population(
                 if not any_training(any(active_now)):
                     stopped = True  # every member diverged: nothing left to train
                     break
-            if (trainer.eval_every and step % trainer.eval_every == 0) or step == total_steps:
+            if cadence.evaluates(step, evaluated_at):
+                evaluated_at = step
                 started = time.perf_counter()
                 val = {tag: v.tolist() for tag, v in evaluate_members(model, data, batches.micro_batch).items()}
                 if val:

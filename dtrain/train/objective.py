@@ -8,6 +8,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from dtrain.config import Config
+from dtrain.data.dataset import DataSet
+from dtrain.errors import ConfigError
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -53,3 +57,15 @@ def metric_sums(task: str, output: torch.Tensor, target: torch.Tensor) -> dict[s
         sums["accuracy"] = (output.argmax(dim=1) == target).sum().to(sums["loss"].dtype)
         return sums
     return {"loss": F.mse_loss(output, target, reduction="sum") / target.shape[1:].numel()}
+
+
+def check_objective(config: Config, data: DataSet) -> None:
+    """Refuse, before any training, an ``objective.metric`` this run will not produce (a typo would otherwise
+    score every trial and member as the worst, silently)."""
+    metric = config.objective.metric
+    if metric == "auto":
+        return
+    produced = ["train/loss", "lr", "grad_norm/total"]
+    produced += [val_tag(name, suffix) for suffix in data.val for name in metric_names(data.task)]
+    if metric not in produced:
+        raise ConfigError(f"objective.metric={metric!r} is not a metric of this run; it has: {', '.join(produced)}")

@@ -116,7 +116,7 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
 
 
 class Checkpointer:
-    """Saves the state every ``cfg.every_n_steps`` steps and at the end; restores a :class:`Resumed`."""
+    """Saves the full state when the loop asks (the cadence says when); restores a :class:`Resumed`."""
 
     def __init__(
         self,
@@ -132,11 +132,6 @@ class Checkpointer:
         self.config = config
         self.resumed = resumed
         self.saved_at = resumed.step if resumed else -1
-
-    def due(self, step: int, total_steps: int) -> bool:
-        """Whether to save after ``step``: every N steps, and after the last."""
-        every = self.cfg.every_n_steps
-        return step == total_steps or bool(every and step % every == 0)
 
     def save(
         self,

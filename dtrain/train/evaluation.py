@@ -1,0 +1,76 @@
+"""Evaluation: validation metrics over every rank's slice of each split, and the model's figures.
+
+Metrics are sums over rows reduced across ranks in one collective, so shards of any size give the
+exact mean; each slice is evaluated ``chunk`` rows at a time, so evaluation needs no more memory than
+training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from dtrain.data.dataset import DataSet, Split
+from dtrain.data.loader import shard_bounds
+from dtrain.dist import DistEnv, all_reduce_sum
+from dtrain.train.objective import metric_sums, val_tag
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+
+
+def evaluate(
+    model: nn.Module, predict: Predict, val: dict[str, Split], task: str, env: DistEnv, chunk: int
+) -> dict[str, float]:
+    """Validation metrics (``val/loss``, ``val/accuracy``, ``val/loss_outer``...) of ``predict`` (``model``'s
+    forward, run in eval mode), averaged over every rank's disjoint slice of each split.
+
+    A collective and a host sync: call it on every rank.
+    """
+    if not val:
+        return {}
+    was_training = model.training
+    model.eval()
+    parts: list[torch.Tensor] = []
+    layout: list[tuple[str, list[str]]] = []
+    with torch.no_grad():
+        for suffix, split in val.items():
+            start, stop = shard_bounds(len(split), env.rank, env.world_size)
+            sums: dict[str, torch.Tensor] = {}
+            for lo in range(start, max(stop, start + 1), chunk):  # an empty slice still yields zero sums
+                hi = min(lo + chunk, stop)
+                for name, value in metric_sums(task, predict(split.x[lo:hi]), split.y[lo:hi]).items():
+                    sums[name] = sums.get(name, 0) + value.to(torch.float64)
+            layout.append((suffix, list(sums)))
+            parts.extend(sums.values())
+            parts.append(torch.tensor(float(stop - start), dtype=torch.float64, device=split.x.device))
+    model.train(was_training)
+    totals = all_reduce_sum(torch.stack(parts), env).tolist()
+    metrics: dict[str, float] = {}
+    i = 0
+    for suffix, names in layout:
+        count = totals[i + len(names)]
+        for name in names:
+            metrics[val_tag(name, suffix)] = totals[i] / count
+            i += 1
+        i += 1
+    return metrics
+
+
+def draw_figures(model: nn.Module, data: DataSet, device: torch.device, chunk: int) -> dict[str, np.ndarray]:
+    """The model's figures (:mod:`dtrain.train.figures`) as RGB images, the model run in eval mode in chunks."""
+    from dtrain.train.figures import figure_to_rgb, model_figures
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        outputs = [model(x[i : i + chunk].to(device)).float().cpu() for i in range(0, len(x), chunk)]
+        return torch.cat(outputs)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return {tag: figure_to_rgb(figure) for tag, figure in model_figures(predict, data).items()}
+    finally:
+        model.train(was_training)
