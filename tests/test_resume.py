@@ -101,7 +101,7 @@ def crashed_run(tmp_path: Path) -> Path:
 def test_a_changed_learning_rate_needs_permission(crashed_run: Path) -> None:
     refused = run_dtrain(crashed_run, *MLP, "optim.lr=5e-3")
     assert refused.returncode == 2
-    assert "optim.lr was 0.1, now 0.005" in refused.stderr and "allow_changes=[optim.lr]" in refused.stderr
+    assert "optim.lr was 0.01, now 0.005" in refused.stderr and "allow_changes=[optim.lr]" in refused.stderr
     allowed = run_dtrain(crashed_run, *MLP, "optim.lr=5e-3", "checkpoint.allow_changes=[optim.lr]")
     assert allowed.returncode == 0, allowed.stderr
     # The cosine schedule continues from its position, on the new base rate.
