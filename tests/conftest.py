@@ -1,11 +1,22 @@
-"""Shared helpers: run dtrain through its real command line, on one process or under torchrun."""
+"""Shared helpers: run dtrain through its real command line, on one process or under torchrun.
+
+A one-process run goes through the real entry point (``dtrain.__main__.main``: Hydra, the config checks,
+the exit status, what it prints) inside the test process, which saves the 3-4 s a fresh interpreter
+spends importing torch and Hydra. A run that must have a process of its own gets one: under torchrun,
+where a fault ends the process (``fault.kind=exit|kill|hang``), and where a test asks (``own_process``),
+e.g. to compare separate processes or to run several at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import random
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +101,52 @@ def launch(*args: str, nproc: int = 0, cwd: Path = REPO, timeout: float = 240) -
     )
 
 
-def run_dtrain(run_dir: Path, *overrides: str, nproc: int = 0) -> Run:
+# Faults that end the process they fire in: such a run needs a process of its own.
+PROCESS_ENDING_FAULTS = ("fault.kind=exit", "fault.kind=kill", "fault.kind=hang")
+
+
+def run_dtrain(run_dir: Path, *overrides: str, nproc: int = 0, own_process: bool = False) -> Run:
     """Train into ``run_dir`` through the CLI and collect what happened."""
-    proc = launch(f"hydra.run.dir={run_dir}", "trainer.progress=lines", *overrides, nproc=nproc)
-    return Run(proc.returncode, proc.stdout, proc.stderr, run_dir)
+    args = (f"hydra.run.dir={run_dir}", "trainer.progress=lines", *overrides)
+    if nproc or own_process or any(o in PROCESS_ENDING_FAULTS for o in overrides):
+        proc = launch(*args, nproc=nproc)
+        return Run(proc.returncode, proc.stdout, proc.stderr, run_dir)
+    returncode, stdout, stderr = main_in_process(*args)
+    return Run(returncode, stdout, stderr, run_dir)
+
+
+def main_in_process(*args: str) -> tuple[int, str, str]:
+    """``python -m dtrain ARGS`` in this process: (exit status, stdout, stderr), as a fresh process would give.
+
+    As :func:`launch`: one thread (OMP_NUM_THREADS=1), no model figures unless asked for, no
+    HYDRA_FULL_ERROR. The caller's random generators, threads and argv are put back afterwards.
+    """
+    import dtrain.__main__ as entry
+
+    if not any(a.startswith("trainer.figures=") for a in args) and not (args and args[0] in entry.SUBCOMMANDS):
+        args = (*NO_FIGURES, *args)
+    out, err = io.StringIO(), io.StringIO()
+    saved_argv, saved_threads = sys.argv, torch.get_num_threads()
+    saved_random, saved_full_error = random.getstate(), os.environ.pop("HYDRA_FULL_ERROR", None)
+    sys.argv = ["dtrain", *args]
+    torch.set_num_threads(1)
+    returncode = 0
+    try:
+        with torch.random.fork_rng(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                entry.main()
+            except SystemExit as exc:
+                returncode = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # a bug: a fresh process would print the traceback and exit 1
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.argv = saved_argv
+        torch.set_num_threads(saved_threads)
+        random.setstate(saved_random)
+        if saved_full_error is not None:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full_error
+    return returncode, out.getvalue(), err.getvalue()
 
 
 def assert_ok(run: Run) -> Run:
@@ -106,8 +159,8 @@ def dtrain_run(tmp_path: Path):
     """Call as ``dtrain_run("model=mlp", ...)``; each call gets a fresh run directory."""
     counter = iter(range(1000))
 
-    def _run(*overrides: str, nproc: int = 0, check: bool = True) -> Run:
-        run = run_dtrain(tmp_path / f"run{next(counter)}", *overrides, nproc=nproc)
+    def _run(*overrides: str, nproc: int = 0, check: bool = True, own_process: bool = False) -> Run:
+        run = run_dtrain(tmp_path / f"run{next(counter)}", *overrides, nproc=nproc, own_process=own_process)
         return assert_ok(run) if check else run
 
     return _run

@@ -90,7 +90,9 @@ class Runs:
             if key not in self.started:
                 case, nproc, copy = key
                 run_dir = self.root / f"{case}-n{nproc}-{copy}"
-                self.started[key] = self.pool.submit(run_dtrain, run_dir, *COMMON, *CASES[case], nproc=nproc)
+                # Processes of their own: the point is separate processes, two at a time.
+                args = (run_dtrain, run_dir, *COMMON, *CASES[case])
+                self.started[key] = self.pool.submit(*args, nproc=nproc, own_process=True)
         return [self.started[key] for key in keys]
 
     def get(self, *keys: RunKey) -> list[Run]:
@@ -174,7 +176,8 @@ def test_same_seed_and_config_in_two_processes_is_bitwise_identical(runs: Runs) 
 
 
 # The MLP (DDP) and the engine (dtrain's own all-reduce) on 4 ranks, the largest change of reduction order; the
-# polynomial (DDP again) on 2. test_distributed.py and test_graph_training.py also run all three on 2 ranks.
+# polynomial (DDP again) on 2. test_distributed.py adds gradient accumulation on 2 ranks, test_graph_training.py
+# the engine's polynomial.
 @pytest.mark.parametrize(("case", "nproc"), [("mlp", 4), ("graph", 4), ("polynomial", 2)])
 def test_ranks_with_the_same_global_batch_agree_to_float64_rounding(runs: Runs, case: str, nproc: int) -> None:
     """N gloo ranks (DDP, or dtrain's bucketed all-reduce for the engine) == one process, to rtol 1e-10."""
