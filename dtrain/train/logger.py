@@ -70,8 +70,19 @@ def use_fast_event_checksums() -> None:
     record_writer.masked_crc32c = masked_crc32c
 
 
+# Scalars are handed to TensorBoard's writer in batches, at most this often: each hand-over wakes its
+# writer thread, which then competes with the training loop for the GIL (measured on the default run's
+# 0.25 ms step, logging every 10 steps: +0.043 ms a step handing over each event, +0.017 in batches).
+HAND_OVER_EVERY_S = 2.0
+
+
 class RunLogger:
-    """TensorBoard scalars and hparams plus console progress; a silent no-op on ranks other than 0."""
+    """TensorBoard scalars and hparams plus console progress; a silent no-op on ranks other than 0.
+
+    A logging step's scalars become one event (one trip through the writer rather than one a scalar);
+    events are handed to the writer every :data:`HAND_OVER_EVERY_S` seconds, before a checkpoint
+    (:meth:`flush`: what a checkpoint holds is on disk before it) and at :meth:`close`.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool, progress: str, purge_step: int | None = None) -> None:
         self.enabled = enabled
@@ -85,7 +96,10 @@ class RunLogger:
         use_fast_event_checksums()
         # purge_step: TensorBoard hides the events at and after this step from earlier files (a resumed run
         # logs those steps again).
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        # max_queue: a batch handed over must not block on the writer's queue.
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step, max_queue=1000)
+        self._batch: list[tuple[int, Any]] = []  # (step, Summary) not yet handed to the writer
+        self._handed_at = time.monotonic()
         if progress == "auto":
             progress = "bar" if sys.stdout.isatty() else "lines"
         self.progress = progress
@@ -98,7 +112,23 @@ class RunLogger:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
-        self.writer._get_file_writer().add_summary(summary, global_step=step)
+        self._batch.append((step, summary))
+        if time.monotonic() - self._handed_at >= HAND_OVER_EVERY_S:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the batched events to TensorBoard's writer (its thread writes them)."""
+        file_writer = self.writer._get_file_writer()
+        for step, summary in self._batch:
+            file_writer.add_summary(summary, global_step=step)
+        self._batch.clear()
+        self._handed_at = time.monotonic()
+
+    def flush(self) -> None:
+        """Every event so far on disk (before a checkpoint, so a run resumed from it has its curves)."""
+        if self.writer is not None:
+            self._hand_over()
+            self.writer.flush()
 
     def histogram(self, tag: str, values: Any, step: int) -> None:
         """A histogram of a tensor's values (weights, gradients)."""
@@ -143,6 +173,7 @@ class RunLogger:
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
+            self._hand_over()
             self.writer.close()
 
 

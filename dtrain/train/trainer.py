@@ -184,6 +184,7 @@ class Trainer:
         progress = self.progress
         with self.stopwatch.aside():
             progress.wall_seconds, progress.train_seconds = self.stopwatch.wall_s(), self.stopwatch.train_s()
+            self.logger.flush()  # the curves up to this checkpoint are on disk before it is
             in_epoch = self.cadence.step_in_epoch(progress.step, progress.epoch)
             data_order = {"seed": self.batches.seed, "epoch": progress.epoch, "step_in_epoch": in_epoch}
             self.checkpointer.save(self.model, self.optimizer, self.scheduler, progress, self.window.sums, data_order)
