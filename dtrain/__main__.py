@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dtrain import launch_env
+from dtrain.commands import SUBCOMMANDS
 from dtrain.compose import config_dir
 from dtrain.config import load, register_configs
 from dtrain.errors import PeerFailure, RankLocalError, UserError
@@ -137,14 +138,6 @@ def hydra_error_line(exc: BaseException) -> str:
     if options:
         text += f"; available: {', '.join(options)}"
     return text
-
-
-# The subcommands, each a module with ``main(argv) -> exit status``: imported only when named.
-SUBCOMMANDS = {
-    "gradcheck": "dtrain.check",  # the configured model's gradients against finite differences
-    "report": "dtrain.report",  # an offline HTML (or PNG) report of finished runs
-    "lr-find": "dtrain.population.lr_find",  # where gradient descent stops being stable
-}
 
 
 def run_subcommand(name: str, argv: list[str]) -> None:

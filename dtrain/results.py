@@ -10,10 +10,23 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from dtrain.population.train import PopulationFit
+
+@dataclass
+class PopulationFit:
+    """How a population's members ended (this rank's, or every rank's gathered on rank 0), as plain lists in
+    member order."""
+
+    status: list[str]  # completed | diverged
+    steps: list[int]  # steps trained (a diverged member: the step whose loss or gradient was non-finite)
+    metrics: list[dict[str, float]]
+    first_loss: list[float]  # the first step's loss: lr-find compares the last losses with it
+    min_loss: list[float]
+    last_loss: list[float]  # the last step's loss (of the step that froze a diverged member: non-finite)
+    total_steps: int
+    wall_time_s: float
+    member_samples_per_sec: float  # samples x (this rank's) members per second of training
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dtrain import check
+from dtrain.commands import gradcheck as check
 from dtrain.graph import engine
 from tests.conftest import launch
 

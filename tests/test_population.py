@@ -13,12 +13,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from dtrain.commands.lr_find import Trial, analyse
 from dtrain.compose import compose_config as compose
 from dtrain.config import Config, ConfigError
 from dtrain.data import build_dataset
 from dtrain.population.chunking import FUSING_MARGIN, chunk_candidates, pick_chunk
 from dtrain.population.leaderboard import member_name
-from dtrain.population.lr_find import Trial, analyse
 from dtrain.population.members import evenly_spaced, expand_members, member_values
 from dtrain.population.run import build_stacked
 from dtrain.run import train

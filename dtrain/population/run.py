@@ -30,8 +30,8 @@ from dtrain.population import leaderboard
 from dtrain.population.chunking import pick_chunk
 from dtrain.population.members import Member, describe, expand_members, varied_specs
 from dtrain.population.stacked import StackedGraphModel, StackedModel, StackedTorchModel
-from dtrain.population.train import PopulationFit, fit_population
-from dtrain.results import RunResult, hparam_metrics, metrics_json, objective_metric
+from dtrain.population.train import fit_population
+from dtrain.results import PopulationFit, RunResult, hparam_metrics, metrics_json, objective_metric
 from dtrain.run_dir import open_run_dir
 from dtrain.train.cadence import Cadence
 from dtrain.train.logger import RunLogger

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +31,7 @@ from dtrain.population.optim import (
     member_grad_norms,
 )
 from dtrain.population.stacked import StackedModel
+from dtrain.results import PopulationFit
 from dtrain.train.cadence import Cadence
 from dtrain.train.objective import metric_sums, val_tag
 
@@ -40,21 +40,6 @@ Report = Callable[[int, dict[str, list[float]]], None]
 # Whether any member, on any rank, still trains, given this rank's answer (a collective under torchrun,
 # so it is asked at logging steps only, where every rank asks it).
 AnyTraining = Callable[[bool], bool]
-
-
-@dataclass
-class PopulationFit:
-    """How each local member ended, as plain lists in member order."""
-
-    status: list[str]  # completed | diverged
-    steps: list[int]  # steps trained (a diverged member: the step whose loss or gradient was non-finite)
-    metrics: list[dict[str, float]]
-    first_loss: list[float]  # the first step's loss: lr-find compares the last losses with it
-    min_loss: list[float]
-    last_loss: list[float]  # the last step's loss (of the step that froze a diverged member: non-finite)
-    total_steps: int
-    wall_time_s: float
-    member_samples_per_sec: float  # samples x (this rank's) members per second of training
 
 
 class MemberRates:

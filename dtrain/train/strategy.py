@@ -110,7 +110,7 @@ class EngineStrategy(Strategy):
 
     def __init__(self, model: nn.Module, env: DistEnv, trainer: TrainerConfig, loss: LossFn) -> None:
         super().__init__(model, env, trainer, loss)
-        self.grads = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
     def forward_backward(self, micro_batches: MicroBatches, step: int, loss_scale: float = 1.0) -> torch.Tensor:
         scale = loss_scale / len(micro_batches)
@@ -121,7 +121,7 @@ class EngineStrategy(Strategy):
             total = part if total is None else total + part
         if self.env.distributed:
             current_op("gradient all-reduce", step)
-            all_reduce_mean_([p.grad for p in self.grads], self.env)
+            all_reduce_mean_([p.grad for p in self.params], self.env)
         assert total is not None
         return total
 
