@@ -81,17 +81,23 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def figures_off(args: tuple[str, ...]) -> tuple[str, ...]:
+    """``args`` of a training run with ``trainer.figures=false`` added, unless the test sets it itself."""
+    from dtrain.commands import SUBCOMMANDS
+
+    if (args and args[0] in SUBCOMMANDS) or any(a.startswith("trainer.figures=") for a in args):
+        return args
+    # Next to the other overrides: Hydra's parser takes them as one run of positional arguments.
+    return (*args, *NO_FIGURES) if args and args[0].startswith("-") else (*NO_FIGURES, *args)
+
+
 def launch(*args: str, nproc: int = 0, cwd: Path = REPO, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run ``python -m dtrain ARGS`` (nproc=0) or ``torchrun --standalone --nproc_per_node=nproc -m dtrain ARGS``."""
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    training = not (args and args[0] in ("gradcheck", "report", "lr-find"))
-    if training and not any(a.startswith("trainer.figures=") for a in args):
-        # Next to the other overrides: Hydra's parser takes them as one run of positional arguments.
-        args = (*args, *NO_FIGURES) if args and args[0].startswith("-") else (*NO_FIGURES, *args)
     return subprocess.run(
-        [*launcher, "-m", "dtrain", *args],
+        [*launcher, "-m", "dtrain", *figures_off(args)],
         cwd=cwd,
         env=cli_env(),
         capture_output=True,
@@ -123,8 +129,7 @@ def main_in_process(*args: str) -> tuple[int, str, str]:
     """
     import dtrain.__main__ as entry
 
-    if not any(a.startswith("trainer.figures=") for a in args) and not (args and args[0] in entry.SUBCOMMANDS):
-        args = (*NO_FIGURES, *args)
+    args = figures_off(args)
     out, err = io.StringIO(), io.StringIO()
     saved_argv, saved_threads = sys.argv, torch.get_num_threads()
     saved_random, saved_full_error = random.getstate(), os.environ.pop("HYDRA_FULL_ERROR", None)

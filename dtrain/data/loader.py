@@ -71,17 +71,14 @@ class ShardedBatches:
         self.seed = seed
         self.grad_accum_steps = grad_accum_steps
         self.steps_per_epoch = num // batch
-        self._full_batch: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # built on first use
-
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Yield, for each optimizer step of ``epoch`` from ``start_step`` on (a resumed run starts mid-epoch),
-        this rank's ``grad_accum_steps`` micro-batches."""
         # Full batch: every step sees all samples, so the order cannot matter to the mean; the same
         # contiguous views serve every step, rather than a shuffled copy of the whole set.
-        full_batch = self.global_batch == len(self.split)
-        if full_batch:
-            if self._full_batch is None:
-                self._full_batch = next(self._batches(0, None))
+        self._full_batch = next(self._batches(0, None)) if batch == num else None
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """For each optimizer step of ``epoch`` from ``start_step`` on (a resumed run starts mid-epoch), this
+        rank's ``grad_accum_steps`` micro-batches."""
+        if self._full_batch is not None:
             return itertools.repeat(self._full_batch, self.steps_per_epoch - start_step)
         perm = epoch_permutation(len(self.split), self.seed, epoch).to(self.split.x.device, non_blocking=True)
         return self._batches(start_step, perm)

@@ -6,6 +6,7 @@ writes them. Other ranks get a logger that records nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -50,6 +51,7 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
+@functools.cache  # once a process: every run logger of a population calls it
 def use_fast_event_checksums() -> None:
     """Give TensorBoard's event writer a C CRC32C (google-crc32c) in place of its pure-Python one.
 
