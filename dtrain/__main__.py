@@ -30,6 +30,7 @@ from dtrain.commands import SUBCOMMANDS
 from dtrain.compose import config_dir
 from dtrain.config import load, register_configs
 from dtrain.errors import PeerFailure, RankLocalError, UserError
+from dtrain.overrides import normalise
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -162,6 +163,10 @@ def main() -> None:
     # Let Hydra's own errors (unknown group option, unknown key, unparsable override) reach us, so
     # they are reported as one line like ours; HYDRA_FULL_ERROR=1 set by the user keeps tracebacks.
     # Errors raised while a job runs are bugs (user errors there are UserError) and keep their traceback.
+    try:
+        sys.argv[1:] = normalise(sys.argv[1:])  # model._target_=X selects model=custom (dtrain.overrides)
+    except UserError as exc:
+        fail(str(exc), EXIT_USER_ERROR, quiet=launch_env.rank() != 0)
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:

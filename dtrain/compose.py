@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dtrain.config import Config, load, register_configs
+from dtrain.overrides import normalise
 
 
 def config_dir() -> str:
@@ -26,4 +27,4 @@ def compose_config(overrides: list[str]) -> Config:
 
     register_configs()  # the schemas the tree's defaults name (base_trainer, ...)
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return load(compose(config_name="config", overrides=list(overrides)))
+        return load(compose(config_name="config", overrides=normalise(list(overrides))))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,61 @@ class GraphModelConfig:
         _require(self.degree >= 1, f"model.degree={self.degree} must be at least 1")
         _require(all(h >= 1 for h in self.hidden), f"model.hidden={self.hidden} must hold positive sizes")
         _one_of("model.activation", self.activation, ("relu", "tanh", "sigmoid"))
+
+
+@dataclass
+class UserModelConfig:
+    """A user's own ``torch.nn.Module``: ``_target_`` (an importable class or factory) and the constructor's
+    arguments beside it, Hydra's ``instantiate`` vocabulary (docs/your-model.md). Written back as that mapping."""
+
+    target: str
+    args: dict[str, Any] = field(default_factory=dict)
+    name: str = "custom"
+
+    def check(self) -> None:
+        """The target's form only: importing it, and calling it with the arguments, happen when the model is built."""
+        _require(
+            isinstance(self.target, str) and _DOTTED.fullmatch(self.target) is not None,
+            f"model._target_={self.target!r} must be a dotted import path such as mypkg.models.MyNet",
+        )
+
+
+_DOTTED = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+")
+
+# ---------------------------------------------------------------------------------------------
+# loss/ and metrics
+
+LOSSES = ("auto", "mse", "l1", "huber", "cross_entropy", "bce_with_logits")
+
+
+@dataclass
+class LossConfig:
+    """A built-in loss; ``auto`` follows the data set's task: mse for regression, cross_entropy for classes."""
+
+    name: str = "auto"
+    delta: float = 1.0  # huber: where the quadratic turns linear
+    label_smoothing: float = 0.0  # cross_entropy
+
+    def check(self) -> None:
+        _one_of("loss.name", self.name, LOSSES)
+        _positive("loss.delta", self.delta)
+        _fraction("loss.label_smoothing", self.label_smoothing)
+
+
+@dataclass
+class UserLossConfig:
+    """A user's own loss: ``_target_`` names a callable ``(prediction, target) -> scalar tensor``, or a class (an
+    ``nn.Module`` loss such as ``torch.nn.SmoothL1Loss``) built with the arguments beside it and then called."""
+
+    target: str
+    args: dict[str, Any] = field(default_factory=dict)
+    name: str = "custom"
+
+    def check(self) -> None:
+        _require(
+            isinstance(self.target, str) and _DOTTED.fullmatch(self.target) is not None,
+            f"loss._target_={self.target!r} must be a dotted import path such as torch.nn.SmoothL1Loss",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +350,21 @@ PRECISIONS = ("float32", "float64", "bf16-mixed")
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop when ``objective.metric`` has not improved by ``min_delta`` for ``patience`` evaluations in a row.
+
+    Every rank sees the same reduced validation metrics, so every rank stops at the same step.
+    """
+
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop early
+    min_delta: float = 0.0  # an improvement smaller than this does not count
+
+    def check(self) -> None:
+        _positive("trainer.early_stopping.patience", self.patience, allow_zero=True)
+        _positive("trainer.early_stopping.min_delta", self.min_delta, allow_zero=True)
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 100
     max_steps: int | None = None  # stop after this many optimizer steps, if sooner
@@ -311,6 +382,7 @@ class TrainerConfig:
     figures: bool = True  # the model's picture (surface, extrapolation, decision boundary) at each evaluation
     on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     max_skipped_steps: int = 5  # on_nonfinite=skip: stop after this many skipped steps in a row
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     def check(self) -> None:
         """The trainer's own fields; a batch larger than the training set is found when the data is loaded."""
@@ -329,6 +401,7 @@ class TrainerConfig:
 
         _one_of("trainer.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _positive("trainer.max_skipped_steps", self.max_skipped_steps)
+        self.early_stopping.check()
 
 
 @dataclass
@@ -371,6 +444,7 @@ class CheckpointConfig:
     overwrite: bool = False  # resume=never in a run directory that holds checkpoints: allowed only with this
     allow_changes: list[str] = field(default_factory=list)  # keys that may differ from the checkpoint's config
     signal_check_every: int = 100  # logging steps agree on a stop signal for free; this bounds the wait between them
+    save_best: bool = False  # keep the model of the best objective.metric as model_best.pt
 
     def check(self) -> None:
         _positive("checkpoint.every_n_steps", self.every_n_steps, allow_zero=True)
@@ -472,6 +546,8 @@ class Config:
     init_seed: int | None = None  # the model's initial weights; None = seed (data, batch order keep seed)
     model: Any = None
     data: Any = None
+    loss: Any = None  # a LossConfig or UserLossConfig; None (a config built in Python) is auto
+    metrics: Any = None  # validation metrics by name or {_target_: ...}; null = the task's defaults
     optim: Any = None
     schedule: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -481,6 +557,11 @@ class Config:
     fault: FaultConfig = field(default_factory=FaultConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     population: PopulationConfig = field(default_factory=PopulationConfig)
+
+    def __post_init__(self) -> None:
+        # Not a schema default: Hydra must be free to put a user's open loss/custom mapping here.
+        if self.loss is None:
+            self.loss = LossConfig()
 
 
 MODELS: dict[str, type] = {"polynomial": PolynomialConfig, "mlp": MLPConfig, "graph": GraphModelConfig}
@@ -503,6 +584,13 @@ def register_configs() -> None:
         cs.store(group="model", name=f"base_{name}", node=schema)
     for name, schema in DATASETS.items():
         cs.store(group="data", name=f"base_{name}", node=schema)
+    cs.store(group="loss", name="base_loss", node=LossConfig)
+    # A user's own model or loss: an open mapping (no schema), so the constructor's arguments beside _target_
+    # are set as model.width=64, not +model.width=64. `model._target_=X` alone selects it (dtrain.overrides).
+    for group in ("model", "loss"):
+        open_node = OmegaConf.create({"_target_": "???"})
+        OmegaConf.set_struct(open_node, False)
+        cs.store(group=group, name="custom", node=open_node)
     cs.store(group="optim", name="base_optim", node=OptimConfig)
     cs.store(group="schedule", name="base_schedule", node=ScheduleConfig)
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
@@ -520,7 +608,11 @@ def load(cfg: DictConfig) -> Config:
     sections: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "model":
-            sections[key] = _build(key, value, _pick(key, value, MODELS))
+            sections[key] = _with_target(key, value, UserModelConfig) or _build(key, value, _pick(key, value, MODELS))
+        elif key == "loss":
+            sections[key] = _with_target(key, value, UserLossConfig) or _build(key, value, LossConfig)
+        elif key == "metrics":
+            sections[key] = _metric_specs(value)
         elif key == "data":
             sections[key] = _build(key, value, _pick(key, value, DATASETS))
         elif key == "optim":
@@ -548,12 +640,50 @@ def load(cfg: DictConfig) -> Config:
         else:
             valid = ", ".join(f.name for f in dataclasses.fields(Config))
             raise ConfigError(f"unknown config key '{key}'; valid top-level keys: {valid}")
-    missing = [f.name for f in dataclasses.fields(Config) if sections.get(f.name) is None and f.name != "init_seed"]
+    sections.setdefault("loss", LossConfig())  # configs written before the loss group existed (old checkpoints)
+    optional = ("init_seed", "metrics")
+    missing = [f.name for f in dataclasses.fields(Config) if sections.get(f.name) is None and f.name not in optional]
     if missing:
         raise ConfigError(f"config is missing section(s): {', '.join(missing)}")
     config = Config(**sections)
     check(config)
     return config
+
+
+def _with_target(section: str, value: Any, schema: type) -> Any:
+    """``schema(target, args)`` for a mapping with ``_target_`` (a user's own class); None for a built-in option."""
+    if not isinstance(value, dict) or "_target_" not in value:
+        return None
+    args = {k: v for k, v in value.items() if k != "_target_"}
+    if value["_target_"] == "???":
+        raise ConfigError(f"{section}._target_ is required: set it with {section}._target_=mypkg.module.Name")
+    return schema(target=value["_target_"], args=args)
+
+
+METRIC_NAMES = ("accuracy", "f1", "precision", "recall", "auroc", "mae", "mse", "rmse", "r2")
+
+
+def _metric_specs(value: Any) -> list[Any] | None:
+    """``metrics``: null (the task's defaults), or a list of names and ``{_target_: ..., name: ...}`` mappings."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"metrics={value!r} must be a list such as [accuracy,f1] or null for the task's defaults")
+    for spec in value:
+        if isinstance(spec, dict):
+            _require("_target_" in spec, f"metrics entry {spec!r} needs a _target_ (a torchmetrics.Metric class)")
+            _require(
+                isinstance(spec["_target_"], str) and _DOTTED.fullmatch(spec["_target_"]) is not None,
+                f"metrics entry _target_={spec['_target_']!r} must be a dotted import path",
+            )
+        else:
+            _require(
+                spec in METRIC_NAMES,
+                f"metrics entry {spec!r} is not one of: {', '.join(METRIC_NAMES)} (or a mapping with _target_)",
+            )
+    return value
 
 
 def _pick(section: str, value: Any, options: dict[str, type]) -> type:
@@ -602,6 +732,7 @@ def check(config: Config) -> None:
     if config.init_seed is not None:
         _require(0 <= config.init_seed < 2**63, f"init_seed={config.init_seed} must be in [0, 2^63)")
     config.model.check()
+    config.loss.check()
     _check_model_fits_trainer(config)
     config.data.check()
     config.optim.check()
@@ -612,6 +743,7 @@ def check(config: Config) -> None:
     _require(config.resume.strip() != "", "resume='' is empty; use auto, never, or a checkpoint path")
     config.population.check()
     config.objective.check()
+    _check_objective_watchers(config)
     config.fault.check()
 
 
@@ -627,11 +759,63 @@ def _check_model_fits_trainer(config: Config) -> None:
             f"trainer.precision={trainer.precision!r}: model=graph trains in float32 or float64",
         )
         _require(not trainer.compile, "trainer.compile=true does not apply to model=graph (it is not a torch graph)")
+        loss = config.loss
+        _require(
+            isinstance(loss, LossConfig) and loss.name in ("auto", "mse", "cross_entropy") and not loss.label_smoothing,
+            f"loss={getattr(loss, 'name', None) if isinstance(loss, LossConfig) else loss.target}: model=graph builds "
+            "its own loss (mse for regression, cross_entropy for classes); other losses need a torch model",
+        )
+
+
+def _check_objective_watchers(config: Config) -> None:
+    """The best checkpoint and early stopping watch ``objective.metric`` at evaluations: it must be one."""
+    watchers = [
+        name
+        for name, on in (
+            ("checkpoint.save_best=true", config.checkpoint.save_best),
+            (
+                f"trainer.early_stopping.patience={config.trainer.early_stopping.patience}",
+                config.trainer.early_stopping.patience > 0,
+            ),
+        )
+        if on
+    ]
+    metric = config.objective.metric
+    if watchers and not (metric == "auto" or metric.startswith("val/")):
+        raise ConfigError(
+            f"{watchers[0]} watches objective.metric at evaluations, but objective.metric={metric!r} is not a "
+            "validation metric; use auto or a val/ tag such as val/loss"
+        )
+    if watchers and config.population.size > 1:
+        raise ConfigError(f"{watchers[0]} is for a single run; a population (population.size>1) keeps every member")
+
+
+def section_plain(section: Any) -> Any:
+    """One section as plain data: a user's model or loss as its ``_target_`` mapping, the rest as dicts."""
+    if isinstance(section, UserModelConfig | UserLossConfig):
+        return {"_target_": section.target, **section.args}
+    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
 
 
 def to_plain(config: Config) -> dict[str, Any]:
     """The config as nested plain dicts, for writing and for TensorBoard's hparams."""
-    return dataclasses.asdict(config)
+    return {f.name: section_plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def model_section(value: dict[str, Any]) -> Any:
+    """A model section (as :func:`to_plain` writes it) back as its checked config: for ``dtrain.load``."""
+    model = _with_target("model", value, UserModelConfig) or _build("model", value, _pick("model", value, MODELS))
+    model.check()
+    return model
+
+
+def loss_section(value: dict[str, Any] | None) -> Any:
+    """A loss section back as its checked config (a run written before the loss group: ``auto``)."""
+    if value is None:
+        return LossConfig()
+    loss = _with_target("loss", value, UserLossConfig) or _build("loss", value, LossConfig)
+    loss.check()
+    return loss
 
 
 def as_yaml(config: Config) -> str:
@@ -645,9 +829,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "DistConfig",
+    "EarlyStoppingConfig",
     "FaultConfig",
     "FileDataConfig",
     "GraphModelConfig",
+    "LossConfig",
     "MLPConfig",
     "MoonsConfig",
     "ObjectiveConfig",
@@ -659,6 +845,8 @@ __all__ = [
     "ScheduleConfig",
     "SineConfig",
     "TrainerConfig",
+    "UserLossConfig",
+    "UserModelConfig",
     "as_yaml",
     "check",
     "load",

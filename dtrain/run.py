@@ -6,7 +6,6 @@ Each arrow is a plain call with explicit inputs. Only rank 0 writes to the run d
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,16 @@ from dtrain.config import Config, as_yaml, to_plain
 from dtrain.data import ShardedBatches, build_dataset
 from dtrain.errors import PeerFailure
 from dtrain.faults import Faults
-from dtrain.models import build_initial_model
+from dtrain.model_file import BEST, FINAL, save_model
+from dtrain.models import build_initial_model, model_sizes
 from dtrain.population.run import is_population, train_population
 from dtrain.preemption import Preemption
 from dtrain.results import RunResult, hparam_metrics, metrics_json
 from dtrain.run_dir import agree_on_run_dir, open_run_dir
 from dtrain.train.logger import RunLogger, log_to_rank_file, summary_table
-from dtrain.train.objective import check_objective
-from dtrain.train.state import Checkpointer, prepare_resume
+from dtrain.train.metrics import ValMetrics
+from dtrain.train.objective import build_loss, check_fit, check_objective
+from dtrain.train.state import Checkpointer, Progress, prepare_resume
 from dtrain.train.strategy import param_dtype
 from dtrain.train.trainer import Trainer, TrainResult
 
@@ -38,7 +39,7 @@ def flat_hparams(config: Config) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section, values in to_plain(config).items():
         if not isinstance(values, dict):
-            flat[section] = values
+            flat[section] = values if isinstance(values, (int, float, str, bool)) else str(values)
             continue
         for key, value in values.items():
             flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
@@ -69,9 +70,14 @@ def train(config: Config, run_dir: Path) -> RunResult:
 def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     """One model trained data-parallel over every rank."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    data = build_dataset(config.data, config.seed).to(env.device, param_dtype(config.trainer.precision))
-    check_objective(config, data)
+    dtype = param_dtype(config.trainer.precision)
+    data = build_dataset(config.data, config.seed).to(env.device, dtype)
+    sizes = model_sizes(config, data)
+    loss = build_loss(config.loss, data.task, data.num_classes)
+    metrics = ValMetrics(config.metrics, sizes, loss)
+    check_objective(config, data, metrics.names)
     model = build_initial_model(config, data)
+    check_fit(model.to(env.device, dtype), loss, data, sizes)  # the user's model and loss, on one batch
     batches = ShardedBatches(
         data.train,
         config.trainer.batch_size,
@@ -101,16 +107,22 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
             logger.text("config", "```\n" + as_yaml(config) + "\n```")
         with Preemption(env) as preemption:
             faults = Faults(config.fault, env.rank)
-            trainer = Trainer(model, data, batches, config, env, logger, checkpointer, faults, preemption)
+
+            def save_best(model: torch.nn.Module, step: int, val: dict[str, float]) -> None:
+                save_model(run_dir / BEST, model, config, sizes, step, val)
+
+            keeps_best = config.checkpoint.save_best and env.is_main
+            parts = (faults, preemption, loss, metrics, save_best if keeps_best else None)
+            trainer = Trainer(model, data, batches, config, env, logger, checkpointer, *parts)
             result = trainer.fit()
-        summary = results_summary(result, env.world_size)
+        summary = results_summary(result, env.world_size, trainer.progress if trainer.watch.active else None)
         logger.hparams(flat_hparams(config), hparam_metrics(summary))
     finally:
         logger.close()
     if env.is_main:
         write_atomic(run_dir / "metrics.json", metrics_json(summary).encode())
         if result.status == "completed":  # a diverged model's weights are not worth keeping
-            write_atomic(run_dir / "model.pt", _state_bytes(trainer.model))
+            save_model(run_dir / FINAL, trainer.model, config, sizes, result.steps, result.metrics)
             batch = data.train.x[:64], data.train.y[:64]
             for name, text in trainer.strategy.run_files(*batch).items():  # the engine's graph.dot (docs/graph.md)
                 write_atomic(run_dir / name, text.encode())
@@ -119,9 +131,13 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     return RunResult(result.status, run_dir, summary, message=result.message, table=table)
 
 
-def results_summary(result: TrainResult, world_size: int) -> dict[str, Any]:
-    """``metrics.json``: final metrics under their TensorBoard tags, plus the run's bookkeeping."""
+def results_summary(result: TrainResult, world_size: int, watched: Progress | None = None) -> dict[str, Any]:
+    """``metrics.json``: final metrics under their TensorBoard tags, plus the run's bookkeeping; with the best
+    model or early stopping (``watched``), the best evaluation's value and step, and where the run stopped."""
     summary: dict[str, Any] = dict(sorted(result.metrics.items()))
+    if watched is not None:
+        summary.update(best_value=watched.best_value, best_step=watched.best_step)
+        summary.update(stopped_early=watched.stopped_early)
     summary.update(
         steps=result.steps,
         samples_per_sec=result.samples_per_sec,
@@ -130,9 +146,3 @@ def results_summary(result: TrainResult, world_size: int) -> dict[str, Any]:
         status=result.status,
     )
     return summary
-
-
-def _state_bytes(model: torch.nn.Module) -> bytes:
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
-    return buffer.getvalue()

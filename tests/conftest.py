@@ -57,7 +57,7 @@ class Run:
         return json.loads((self.run_dir / "metrics.json").read_text())
 
     def params(self) -> dict[str, torch.Tensor]:
-        return torch.load(self.run_dir / "model.pt")
+        return torch.load(self.run_dir / "model.pt")["state_dict"]
 
     def assert_same_params(self, other: Run) -> None:
         """Bitwise-equal final parameters."""

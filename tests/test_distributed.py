@@ -96,7 +96,7 @@ def test_two_nodes_with_c10d_rendezvous_equal_one_process(tmp_path, dtrain_run) 
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if (p / "metrics.json").exists()]
     assert len(run_dirs) == 1
-    multinode = torch.load(run_dirs[0] / "model.pt")
+    multinode = torch.load(run_dirs[0] / "model.pt")["state_dict"]
     single = dtrain_run(*common).params()
     for name in single:
         torch.testing.assert_close(multinode[name], single[name], rtol=1e-10, atol=1e-10)

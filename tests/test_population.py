@@ -15,14 +15,14 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from dtrain.commands.lr_find import Trial, analyse
 from dtrain.compose import compose_config as compose
-from dtrain.config import Config, ConfigError
+from dtrain.config import Config, ConfigError, LossConfig
 from dtrain.data import build_dataset
 from dtrain.population.chunking import FUSING_MARGIN, chunk_candidates, pick_chunk
 from dtrain.population.leaderboard import member_name
 from dtrain.population.members import evenly_spaced, expand_members, member_values
 from dtrain.population.run import build_stacked
 from dtrain.run import train
-from dtrain.train.objective import loss_fn
+from dtrain.train.objective import build_loss
 from tests.conftest import assert_ok, launch, run_dtrain
 from tests.tb import scalars
 
@@ -125,7 +125,7 @@ def test_stacked_losses_and_gradients_equal_each_members_own(model: tuple[str, .
             if config.model.name == "graph":
                 loss = single.loss_and_backward(x, y)
             else:
-                loss = loss_fn(data.task)(single(x), y)
+                loss = build_loss(LossConfig(), data.task).fn(single(x), y)
                 loss.backward()
             assert losses[i].item() == pytest.approx(loss.item(), rel=1e-12, abs=1e-14)
             for k, (name, p) in enumerate(single.named_parameters()):

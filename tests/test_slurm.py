@@ -322,7 +322,7 @@ def test_two_processes_with_only_slurm_variables_train_as_two_ranks(tmp_path: Pa
     with torch.random.fork_rng():
         summary = train(load(cfg), tmp_path / "single").summary
     assert summary["world_size"] == 1 and summary["steps"] == run.metrics["steps"] > 0
-    single = torch.load(tmp_path / "single" / "model.pt")
+    single = torch.load(tmp_path / "single" / "model.pt")["state_dict"]
     two = run.params()
     assert single.keys() == two.keys()
     for name in single:

@@ -9,22 +9,25 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dtrain import dist
-from dtrain.config import FaultConfig, OptimConfig, TrainerConfig
+from dtrain.config import FaultConfig, LossConfig, OptimConfig, TrainerConfig
 from dtrain.data.dataset import Split
 from dtrain.faults import Faults
 from dtrain.graph import builders
 from dtrain.models import MLP, Polynomial, gradient_source
 from dtrain.models.graph import GraphModel
+from dtrain.models.sizes import ModelSizes
 from dtrain.preemption import Preemption
 from dtrain.train.cadence import MAX_FIGURES, Cadence
 from dtrain.train.evaluation import evaluate
 from dtrain.train.log_window import LogWindow
 from dtrain.train.logger import use_fast_event_checksums
+from dtrain.train.metrics import ValMetrics
 from dtrain.train.monitor import StepMonitor
 from dtrain.train.nonfinite import NonFinitePolicy, StopTraining
-from dtrain.train.objective import loss_fn
+from dtrain.train.objective import build_loss
 from dtrain.train.state import Progress
 from dtrain.train.stopwatch import Stopwatch
 from dtrain.train.strategy import AutogradStrategy, EngineStrategy, build_strategy
@@ -154,14 +157,14 @@ def test_the_strategy_follows_the_model_and_both_give_the_same_accumulated_gradi
     engine_model = _engine_mlp(torch_model)
     assert gradient_source(torch_model) == "autograd" and gradient_source(engine_model) == "engine"
     trainer = TrainerConfig(precision="float64")
-    autograd = build_strategy(torch_model, ONE_PROCESS, trainer, loss_fn("regression"))
-    engine = build_strategy(engine_model, ONE_PROCESS, trainer, loss_fn("regression"))
+    autograd = build_strategy(torch_model, ONE_PROCESS, trainer, F.mse_loss)
+    engine = build_strategy(engine_model, ONE_PROCESS, trainer, F.mse_loss)
     assert isinstance(autograd, AutogradStrategy) and isinstance(engine, EngineStrategy)
     x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
     micro = [(x[:6], y[:6]), (x[6:], y[6:])]
     ours = autograd.forward_backward(micro, step=1)
     theirs = engine.forward_backward(micro, step=1)
-    whole = loss_fn("regression")(torch_model(x), y)
+    whole = F.mse_loss(torch_model(x), y)
     assert ours.item() == pytest.approx(whole.item(), rel=1e-12)
     assert theirs.item() == pytest.approx(whole.item(), rel=1e-12)
     for (name, p), q in zip(torch_model.named_parameters(), engine_model.parameters(), strict=True):
@@ -172,7 +175,7 @@ def test_the_strategy_follows_the_model_and_both_give_the_same_accumulated_gradi
 def test_a_loss_scale_scales_loss_and_gradients() -> None:
     torch.manual_seed(0)
     model = Polynomial(2, 2).double()
-    strategy = build_strategy(model, ONE_PROCESS, TrainerConfig(precision="float64"), loss_fn("regression"))
+    strategy = build_strategy(model, ONE_PROCESS, TrainerConfig(precision="float64"), F.mse_loss)
     x, y = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
     plain = strategy.forward_backward([(x, y)], step=1)
     grads = [p.grad.clone() for p in model.parameters()]
@@ -191,8 +194,10 @@ def test_chunked_evaluation_equals_one_pass() -> None:
     model = MLP(2, [8], 3).double()
     x = torch.randn(103, 2, dtype=torch.float64)
     val = {"": Split(x, torch.randint(0, 3, (103,)))}
-    whole = evaluate(model, model, val, "classification", ONE_PROCESS, chunk=1000)
-    chunked = evaluate(model, model, val, "classification", ONE_PROCESS, chunk=7)
+    loss = build_loss(LossConfig(), "classification")
+    metrics = ValMetrics(None, ModelSizes(2, 3, "classification", 3), loss)
+    whole = evaluate(model, model, val, loss, metrics, ONE_PROCESS, chunk=1000)
+    chunked = evaluate(model, model, val, loss, metrics, ONE_PROCESS, chunk=7)
     assert whole.keys() == {"val/loss", "val/accuracy"}
     for key in whole:
         assert chunked[key] == pytest.approx(whole[key], rel=1e-12)

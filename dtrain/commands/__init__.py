@@ -8,4 +8,5 @@ SUBCOMMANDS = {
     "gradcheck": "dtrain.commands.gradcheck",  # the configured model's gradients against finite differences
     "report": "dtrain.report",  # an offline HTML (or PNG) report of finished runs (a package of its own)
     "lr-find": "dtrain.commands.lr_find",  # where gradient descent stops being stable
+    "predict": "dtrain.commands.predict",  # a trained model's predictions for new rows
 }

@@ -19,36 +19,38 @@ from dtrain.config import Config, TrainerConfig
 from dtrain.data import build_dataset
 from dtrain.dist import DistEnv
 from dtrain.graph.gradcheck import central_differences, relative_error
-from dtrain.models import build_model
-from dtrain.train.objective import loss_fn
+from dtrain.models import build_model, model_sizes
+from dtrain.train.objective import LossFn, build_loss
 from dtrain.train.strategy import build_strategy
 
 
-def analytic_grads(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+def analytic_grads(model: nn.Module, loss: LossFn, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     """d(loss)/d(parameter) as training computes it: through the model's own strategy on one process
     (torch.autograd, or the engine's backward for ``model=graph``)."""
     one_process = DistEnv(rank=0, world_size=1, local_rank=0, device=x.device, backend=None)
-    strategy = build_strategy(model, one_process, TrainerConfig(precision="float64"), loss_fn(task))
+    strategy = build_strategy(model, one_process, TrainerConfig(precision="float64"), loss)
     model.zero_grad(set_to_none=True)
     strategy.forward_backward([(x, y)], step=1)
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-def numeric_grads(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor, eps: float) -> dict[str, torch.Tensor]:
+def numeric_grads(
+    model: nn.Module, loss: LossFn, x: torch.Tensor, y: torch.Tensor, eps: float
+) -> dict[str, torch.Tensor]:
     """Central differences of the loss, one parameter element at a time."""
-    compute = loss_fn(task)
-    return central_differences(model.named_parameters(), lambda: compute(model(x), y).item(), eps)
+    return central_differences(model.named_parameters(), lambda: loss(model(x), y).item(), eps)
 
 
 def check_gradients(config: Config, samples: int, eps: float) -> dict[str, float]:
     """Worst relative error per parameter of the configured model on ``samples`` training points."""
     torch.manual_seed(config.seed)
     data = build_dataset(config.data, config.seed).to(torch.device("cpu"), torch.float64)
-    model = build_model(config.model, data).to(torch.float64)
+    model = build_model(config.model, model_sizes(config, data)).to(torch.float64)
     model.eval()  # no dropout: the loss must be a deterministic function of the parameters
+    loss = build_loss(config.loss, data.task, data.num_classes).fn
     x, y = data.train.x[:samples], data.train.y[:samples]
-    analytic = analytic_grads(model, data.task, x, y)
-    numeric = numeric_grads(model, data.task, x, y, eps)
+    analytic = analytic_grads(model, loss, x, y)
+    numeric = numeric_grads(model, loss, x, y, eps)
     return {name: relative_error(analytic[name], numeric[name]) for name in analytic}
 
 
@@ -62,7 +64,8 @@ def main(argv: list[str]) -> int:
     config = compose_config(overrides)
     errors = check_gradients(config, args.samples, args.eps)
     width = max(len(name) for name in errors)
-    print(f"gradcheck: model={config.model.name} data={config.data.name}, {args.samples} samples, float64")
+    model = getattr(config.model, "target", config.model.name)  # a user's model by its _target_
+    print(f"gradcheck: model={model} data={config.data.name}, {args.samples} samples, float64")
     for name, error in errors.items():
         verdict = "ok" if error <= args.tolerance else "FAIL"
         print(f"  {name:<{width}}  {error:.2e}  {verdict}")

@@ -104,7 +104,7 @@ def hessian_lambda_max(config: Config) -> float | None:
 
     from dtrain.data import build_dataset
     from dtrain.models import gradient_source
-    from dtrain.train.objective import loss_fn
+    from dtrain.train.objective import build_loss
 
     data = build_dataset(config.data, config.seed).to(torch.device("cpu"), torch.float64)
     model = build_initial_model(config, data).to(torch.float64)
@@ -116,7 +116,7 @@ def hessian_lambda_max(config: Config) -> float | None:
     model.eval()
     shapes = {name: p.shape for name, p in named.items()}
     flat = torch.cat([p.detach().flatten() for p in named.values()])
-    compute = loss_fn(data.task)
+    compute = build_loss(config.loss, data.task, data.num_classes).fn
 
     def loss(vector: torch.Tensor) -> torch.Tensor:
         params, offset = {}, 0

@@ -70,7 +70,42 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: not a readable .npz file ({exc})") from None
 
 
+def read_features(cfg: C.FileDataConfig) -> np.ndarray:
+    """The input rows of ``cfg.path``, for prediction: a ``.npz``'s ``x`` (``y`` may be absent), or every column of a
+    ``.csv`` but ``data.target`` (which may be absent)."""
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise UserError(f"data.path={cfg.path!r}: no such file (expected a .npz or .csv file)")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path) as arrays:
+                if "x" not in arrays:
+                    raise UserError(f"{path}: no array 'x'; it has: {', '.join(arrays.files)}")
+                x = arrays["x"].astype(np.float64)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise UserError(f"{path}: not a readable .npz file ({exc})") from None
+    elif suffix == ".csv":
+        header, values = _read_csv_table(path)
+        x = np.delete(values, header.index(cfg.target), axis=1) if cfg.target in header else values
+    else:
+        raise UserError(f"data.path={cfg.path!r}: unsupported suffix {suffix!r}; use .npz or .csv")
+    x = x[:, None] if x.ndim == 1 else x
+    if not np.isfinite(x).all():
+        raise UserError(f"data.path={cfg.path!r}: contains NaN or infinite values")
+    return x
+
+
 def _read_csv(path: Path, target: str) -> tuple[np.ndarray, np.ndarray]:
+    header, values = _read_csv_table(path)
+    if target not in header:
+        raise UserError(f"{path}: no column {target!r} (data.target); columns: {', '.join(header)}")
+    col = header.index(target)
+    return np.delete(values, col, axis=1), values[:, col]
+
+
+def _read_csv_table(path: Path) -> tuple[list[str], np.ndarray]:
+    """A numeric ``.csv``: its header and its rows."""
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark.
         with path.open(newline="", encoding="utf-8-sig") as handle:
@@ -80,8 +115,6 @@ def _read_csv(path: Path, target: str) -> tuple[np.ndarray, np.ndarray]:
     if len(rows) < 2:
         raise UserError(f"{path}: a .csv needs a header row and at least one data row")
     header = [name.strip() for name in rows[0]]
-    if target not in header:
-        raise UserError(f"{path}: no column {target!r} (data.target); columns: {', '.join(header)}")
     values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
     for i, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
@@ -90,5 +123,4 @@ def _read_csv(path: Path, target: str) -> tuple[np.ndarray, np.ndarray]:
             values[i - 2] = [float(v) for v in row]
         except ValueError:
             raise UserError(f"{path}:{i}: a non-numeric value in {row}") from None
-    col = header.index(target)
-    return np.delete(values, col, axis=1), values[:, col]
+    return header, values

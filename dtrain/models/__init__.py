@@ -1,4 +1,4 @@
-"""Models built from config: a small registry from ``model.name`` to a builder."""
+"""Models built from config: a small registry from ``model.name`` to a builder, and a user's own ``_target_``."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from dtrain import config as C
 from dtrain.data.dataset import DataSet
 from dtrain.models.mlp import MLP
 from dtrain.models.polynomial import Polynomial
+from dtrain.models.sizes import ModelSizes
+from dtrain.models.user import build_user_model
 
 
-def _polynomial(cfg: C.PolynomialConfig, data: DataSet) -> nn.Module:
+def _polynomial(cfg: C.PolynomialConfig, data: ModelSizes) -> nn.Module:
     return Polynomial(data.num_inputs, cfg.degree, data.num_outputs, init=cfg.init, init_scale=cfg.init_scale)
 
 
-def _mlp(cfg: C.MLPConfig, data: DataSet) -> nn.Module:
+def _mlp(cfg: C.MLPConfig, data: ModelSizes) -> nn.Module:
     return MLP(
         data.num_inputs,
         [cfg.width] * len(cfg.hidden) if cfg.width else cfg.hidden,
@@ -29,7 +31,7 @@ def _mlp(cfg: C.MLPConfig, data: DataSet) -> nn.Module:
     )
 
 
-def _graph(cfg: C.GraphModelConfig, data: DataSet) -> nn.Module:
+def _graph(cfg: C.GraphModelConfig, data: ModelSizes) -> nn.Module:
     """The engine's version of ``cfg.graph``, initialised exactly as the torch model of the same seed."""
     from dtrain.graph import builders
     from dtrain.models.graph import GraphModel
@@ -45,13 +47,27 @@ def _graph(cfg: C.GraphModelConfig, data: DataSet) -> nn.Module:
     return GraphModel(builders.mlp(layers, cfg.activation, data.task))
 
 
-BUILDERS: dict[str, Callable[..., nn.Module]] = {"polynomial": _polynomial, "mlp": _mlp, "graph": _graph}
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "polynomial": _polynomial,
+    "mlp": _mlp,
+    "graph": _graph,
+    "custom": build_user_model,
+}
+
+
+def model_sizes(config: C.Config, data: DataSet) -> ModelSizes:
+    """What ``config``'s model is sized by on ``data``: one output per class, except one logit for binary BCE."""
+    binary = isinstance(config.loss, C.LossConfig) and config.loss.name == "bce_with_logits"
+    outputs = 1 if binary else data.num_outputs
+    if data.task == "regression":
+        outputs = data.train.y.shape[1] if data.train.y.ndim > 1 else 1
+    return ModelSizes(data.num_inputs, outputs, data.task, data.num_classes)
 
 
 def build_initial_model(config: C.Config, data: DataSet) -> nn.Module:
     """The model with its initial weights, drawn from ``init_seed`` (or ``seed``): the same on every rank."""
     torch.manual_seed(config.seed if config.init_seed is None else config.init_seed)
-    return build_model(config.model, data)
+    return build_model(config.model, model_sizes(config, data))
 
 
 def gradient_source(model: nn.Module) -> str:
@@ -63,9 +79,18 @@ def gradient_source(model: nn.Module) -> str:
     return "engine" if isinstance(model, GraphModel) else "autograd"
 
 
-def build_model(cfg: object, data: DataSet) -> nn.Module:
-    """Build the model that ``cfg`` names, sized for ``data``'s inputs and outputs (in float32, on CPU)."""
-    return BUILDERS[cfg.name](cfg, data)  # type: ignore[attr-defined]
+def build_model(cfg: object, sizes: ModelSizes) -> nn.Module:
+    """Build the model that ``cfg`` names, sized by ``sizes`` (in float32, on CPU)."""
+    return BUILDERS[cfg.name](cfg, sizes)  # type: ignore[attr-defined]
 
 
-__all__ = ["BUILDERS", "MLP", "Polynomial", "build_initial_model", "build_model", "gradient_source"]
+__all__ = [
+    "BUILDERS",
+    "MLP",
+    "ModelSizes",
+    "Polynomial",
+    "build_initial_model",
+    "build_model",
+    "gradient_source",
+    "model_sizes",
+]

@@ -19,7 +19,7 @@ from dtrain.population.members import Member, describe
 from dtrain.results import finite_or_none, objective_metric, objective_value
 
 # The config sections a rerun needs; the rest (dist, checkpoint, resume, fault) keep their defaults.
-PRESET_SECTIONS = ("seed", "init_seed", "model", "data", "optim", "schedule", "trainer", "objective")
+PRESET_SECTIONS = ("seed", "init_seed", "model", "data", "loss", "metrics", "optim", "schedule", "trainer", "objective")
 
 
 @dataclass
@@ -100,13 +100,15 @@ def rerun_command(run_dir: Path) -> str:
 def _option(section: str, values: dict[str, Any]) -> str:
     """The config-group option a section's values extend: its ``name`` (schedules all extend ``constant``'s
     schema; every value is written out, so the option only has to have the right schema)."""
+    if "_target_" in values:  # a user's own model or loss: the open option
+        return "custom"
     return str(values["name"]) if section != "schedule" else "constant"
 
 
 def write_best_preset(run_dir: Path, best: Row) -> Path:
     """``experiment/best.yaml`` under the run directory: the best member's whole config as a Hydra preset."""
     plain = to_plain(best.member.config)
-    groups = ("model", "data", "optim", "schedule")
+    groups = ("model", "data", "loss", "optim", "schedule")
     body = {key: plain[key] for key in PRESET_SECTIONS}
     preset = OmegaConf.create(body)
     defaults = "\n".join(f"  - override /{g}: {_option(g, plain[g])}" for g in groups)

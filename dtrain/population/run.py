@@ -35,7 +35,8 @@ from dtrain.results import PopulationFit, RunResult, hparam_metrics, metrics_jso
 from dtrain.run_dir import open_run_dir
 from dtrain.train.cadence import Cadence
 from dtrain.train.logger import RunLogger
-from dtrain.train.objective import check_objective
+from dtrain.train.metrics import default_metrics
+from dtrain.train.objective import Loss, build_loss, check_objective
 from dtrain.train.strategy import param_dtype
 
 log = logging.getLogger("dtrain")
@@ -69,8 +70,14 @@ def check_population(config: Config, world_size: int, members: list[Member]) -> 
         raise ConfigError(f"population.chunk={config.population.chunk} must be 0 (measured) or a member count")
 
 
-def build_stacked(members: list[Member], data: DataSet, device: torch.device, dtype: torch.dtype) -> StackedModel:
-    """The members' models, initialised each as its own single run would be, stacked along the member axis."""
+def build_stacked(
+    members: list[Member], data: DataSet, device: torch.device, dtype: torch.dtype, loss: Loss | None = None
+) -> StackedModel:
+    """The members' models, initialised each as its own single run would be, stacked along the member axis.
+
+    Raises :class:`ConfigError` for a model with buffers (BatchNorm's running statistics): ``torch.func`` stacks
+    parameters, and one shared buffer updated by every member would be no member's own."""
+    loss = loss or build_loss(members[0].config.loss, data.task, data.num_classes)
     singles: dict[int | None, torch.nn.Module] = {}
     models = []
     for member in members:
@@ -78,8 +85,15 @@ def build_stacked(members: list[Member], data: DataSet, device: torch.device, dt
         if seed not in singles:  # members that share a seed share initial weights: build once
             singles[seed] = build_initial_model(member.config, data).to(device, dtype)
         models.append(singles[seed])
+    buffers = [name for name, _ in models[0].named_buffers()]
+    if buffers:
+        raise ConfigError(
+            f"population.size>1 cannot stack this model: it has buffers ({', '.join(buffers[:3])}), such as "
+            "BatchNorm's running statistics, which torch.func cannot keep per member; train its members as "
+            "separate runs (a sweep, python -m dtrain -m ...) or use a model without them (LayerNorm keeps none)"
+        )
     if gradient_source(models[0]) == "autograd":
-        return StackedTorchModel(models, data.task)
+        return StackedTorchModel(models, loss)
     # The engine's members: their graphs rebuilt over member-stacked parameter tensors.
     names = [node.name for node in models[0].built.parameters]
     params = [torch.stack([m.built.parameters[k].tensor.detach() for m in models]) for k in range(len(names))]
@@ -94,7 +108,7 @@ def build_stacked(members: list[Member], data: DataSet, device: torch.device, dt
             pairs = list(zip(tensors[0::2], tensors[1::2], strict=True))
             return builders.mlp(pairs, cfg.activation, data.task)
 
-    return StackedGraphModel(names, params, build)
+    return StackedGraphModel(names, params, build, loss)
 
 
 class PopulationLogger:
@@ -156,6 +170,11 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> RunRes
     local = members[start:stop]
     dtype = param_dtype(config.trainer.precision)
     data = build_dataset(config.data, config.seed).to(env.device, dtype)
+    if config.metrics is not None and config.metrics != default_metrics(data.task):
+        raise ConfigError(
+            f"metrics={config.metrics}: a population logs val/loss (and val/accuracy for classification) per "
+            "member; train single runs (a sweep) for other metrics"
+        )
     check_objective(config, data)
     model = build_stacked(local, data, env.device, dtype)
     # Every rank trains on all the data: the population, not the data, is what is split.

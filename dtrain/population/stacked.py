@@ -28,7 +28,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from dtrain.graph.builders import Built
 from dtrain.models.mlp import MLP
-from dtrain.train.objective import loss_fn, member_losses_fn
+from dtrain.train.objective import Loss
 
 
 class StackedModel:
@@ -37,6 +37,7 @@ class StackedModel:
     names: list[str]
     params: list[torch.Tensor]
     chunk: int
+    loss: Loss  # what each member's loss is (evaluation sums it over rows)
 
     @property
     def size(self) -> int:
@@ -114,13 +115,14 @@ class StackedTorchModel(StackedModel):
     """Torch modules of one architecture, run as one: plain MLPs through batched matmuls, any other model
     through ``vmap(functional_call)``."""
 
-    def __init__(self, members: list[nn.Module], task: str, chunk: int = 0) -> None:
+    def __init__(self, members: list[nn.Module], loss: Loss, chunk: int = 0) -> None:
         template = members[0]
         self.names = [name for name, _ in template.named_parameters()]
         self.params = [torch.stack([dict(m.named_parameters())[name].detach() for m in members]) for name in self.names]
         self.template = template
         self.chunk = chunk or len(members)
-        compute_loss = loss_fn(task)
+        self.loss = loss
+        compute_loss = loss.fn
 
         def member_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return compute_loss(functional_call(template, params, (x,)), y)
@@ -133,7 +135,7 @@ class StackedTorchModel(StackedModel):
         self._outputs: Callable = vmap(member_output, in_dims=(0, None), randomness="different")
         self._batched = batched_mlp(template)
         self._compute_loss = compute_loss
-        self._member_losses = member_losses_fn(task)
+        self._member_losses = loss.members
 
     def train(self, mode: bool = True) -> None:
         """Dropout on (training) or off (evaluation), as ``nn.Module.train``."""
@@ -187,8 +189,14 @@ class StackedGraphModel(StackedModel):
     """
 
     def __init__(
-        self, names: list[str], params: list[torch.Tensor], build: Callable[[list[torch.Tensor]], Built], chunk: int = 0
+        self,
+        names: list[str],
+        params: list[torch.Tensor],
+        build: Callable[[list[torch.Tensor]], Built],
+        loss: Loss,
+        chunk: int = 0,
     ) -> None:
+        self.loss = loss  # what the engine's own graph computes (mse or cross_entropy): for evaluation
         self.names = names
         self.params = params
         self.chunk = chunk or params[0].shape[0]

@@ -39,16 +39,14 @@ def load_model(run: RunData) -> RunModel:
 
     from dtrain.config import load
     from dtrain.data import build_dataset
-    from dtrain.models import build_model
+    from dtrain.model_file import read_model
 
     try:
         config = load(OmegaConf.create(run.config))
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        trained = read_model(weights)
         # The weights' own precision (float64 runs save float64): the data and the grid follow it.
-        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-        data = build_dataset(config.data, config.seed).to(torch.device("cpu"), dtype)
-        model = build_model(config.model, data).to(dtype)
-        model.load_state_dict(state)
+        data = build_dataset(config.data, config.seed).to(torch.device("cpu"), trained.dtype)
+        model = trained.module
     except (UserError, OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return RunModel(note=f"the model could not be rebuilt from config.yaml and model.pt: {first}")

@@ -16,18 +16,26 @@ from torch import nn
 from dtrain.data.dataset import DataSet, Split
 from dtrain.data.loader import shard_bounds
 from dtrain.dist import DistEnv, all_reduce_sum
-from dtrain.train.objective import metric_sums, val_tag
+from dtrain.train.metrics import ValMetrics
+from dtrain.train.objective import Loss, metric_sums, val_tag
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 
 
 def evaluate(
-    model: nn.Module, predict: Predict, val: dict[str, Split], task: str, env: DistEnv, chunk: int
+    model: nn.Module,
+    predict: Predict,
+    val: dict[str, Split],
+    loss: Loss,
+    metrics: ValMetrics,
+    env: DistEnv,
+    chunk: int,
 ) -> dict[str, float]:
-    """Validation metrics (``val/loss``, ``val/accuracy``, ``val/loss_outer``...) of ``predict`` (``model``'s
-    forward, run in eval mode), averaged over every rank's disjoint slice of each split.
+    """Validation metrics (``val/loss``, ``val/accuracy``, ``val/f1``, ``val/loss_outer``...) of ``predict``
+    (``model``'s forward, run in eval mode) over every rank's disjoint slice of each split.
 
-    A collective and a host sync: call it on every rank.
+    The loss and the counted accuracy are sums reduced in one all-reduce; torchmetrics reduces its own
+    metrics. Collectives and a host sync: call it on every rank.
     """
     if not val:
         return {}
@@ -35,28 +43,36 @@ def evaluate(
     model.eval()
     parts: list[torch.Tensor] = []
     layout: list[tuple[str, list[str]]] = []
+    library: dict[str, float] = {}
+    keep = {"loss", "accuracy"} if metrics.counts_accuracy else {"loss"}
     with torch.no_grad():
         for suffix, split in val.items():
             start, stop = shard_bounds(len(split), env.rank, env.world_size)
             sums: dict[str, torch.Tensor] = {}
+            metrics.reset()
             for lo in range(start, max(stop, start + 1), chunk):  # an empty slice still yields zero sums
                 hi = min(lo + chunk, stop)
-                for name, value in metric_sums(task, predict(split.x[lo:hi]), split.y[lo:hi]).items():
-                    sums[name] = sums.get(name, 0) + value.to(torch.float64)
+                output, target = predict(split.x[lo:hi]), split.y[lo:hi]
+                for name, value in metric_sums(loss, metrics.sizes.task, output, target).items():
+                    if name in keep:
+                        sums[name] = sums.get(name, 0) + value.to(torch.float64)
+                if hi > lo:
+                    metrics.update(output, target)
+            library.update({val_tag(name, suffix): value for name, value in metrics.compute().items()})
             layout.append((suffix, list(sums)))
             parts.extend(sums.values())
             parts.append(torch.tensor(float(stop - start), dtype=torch.float64, device=split.x.device))
     model.train(was_training)
     totals = all_reduce_sum(torch.stack(parts), env).tolist()
-    metrics: dict[str, float] = {}
+    results: dict[str, float] = {}
     i = 0
     for suffix, names in layout:
         count = totals[i + len(names)]
         for name in names:
-            metrics[val_tag(name, suffix)] = totals[i] / count
+            results[val_tag(name, suffix)] = totals[i] / count
             i += 1
         i += 1
-    return metrics
+    return results | library
 
 
 def draw_figures(model: nn.Module, data: DataSet, device: torch.device, chunk: int) -> dict[str, np.ndarray]:

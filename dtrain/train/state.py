@@ -41,6 +41,11 @@ class Progress:
     train_seconds: float = 0.0  # time spent training (evaluation left out), over every attempt
     wall_seconds: float = 0.0  # time in fit(), over every attempt
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged value of each tag
+    best_value: float | None = None  # objective.metric's best value at an evaluation (checkpoint.save_best)
+    best_step: int = -1  # and its step
+    stop_best: float | None = None  # early stopping: the value the next evaluation must beat by min_delta
+    evals_without_improvement: int = 0  # early stopping: evaluations since it last did
+    stopped_early: bool = False  # early stopping ended the run: a resumed copy trains no further
 
 
 @dataclass(frozen=True)

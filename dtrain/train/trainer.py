@@ -11,6 +11,8 @@ Host syncs happen only at logging and evaluation steps (and every step under ``o
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -26,12 +28,19 @@ from dtrain.train.cadence import Cadence
 from dtrain.train.evaluation import draw_figures, evaluate
 from dtrain.train.log_window import LogWindow
 from dtrain.train.logger import RunLogger
+from dtrain.train.metrics import ValMetrics
 from dtrain.train.monitor import StepMonitor, custom_scalars_layout
 from dtrain.train.nonfinite import NonFinitePolicy, StopTraining
-from dtrain.train.objective import loss_fn
+from dtrain.train.objective import Loss
 from dtrain.train.state import Checkpointer, Progress
 from dtrain.train.stopwatch import Stopwatch
 from dtrain.train.strategy import build_strategy, param_dtype
+from dtrain.train.watch import ObjectiveWatch
+
+log = logging.getLogger("dtrain")
+
+# Rank 0 keeps the best model: called with the model, the step and the validation metrics.
+SaveBest = Callable[[nn.Module, int, dict[str, float]], None]
 
 
 @dataclass
@@ -47,7 +56,11 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains one model on one in-memory data set, as ``config`` says; built on every rank alike."""
+    """Trains one model on one in-memory data set, as ``config`` says; built on every rank alike.
+
+    ``loss`` and ``metrics`` are what it optimises and measures; ``save_best`` (rank 0, with
+    ``checkpoint.save_best``) writes the best model when an evaluation improves on it.
+    """
 
     def __init__(
         self,
@@ -60,6 +73,9 @@ class Trainer:
         checkpointer: Checkpointer,
         faults: Faults,
         preemption: Preemption,
+        loss: Loss,
+        metrics: ValMetrics,
+        save_best: SaveBest | None = None,
     ) -> None:
         trainer, optim, schedule = config.trainer, config.optim, config.schedule
         self.model = model.to(env.device, param_dtype(trainer.precision))
@@ -69,7 +85,9 @@ class Trainer:
         named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named_params]
 
-        self.strategy = build_strategy(self.model, env, trainer, loss_fn(data.task))
+        self.loss, self.metrics = loss, metrics.to(env.device, param_dtype(trainer.precision))
+        self.watch, self.save_best = ObjectiveWatch(config), save_best
+        self.strategy = build_strategy(self.model, env, trainer, loss.fn)
         self.cadence = Cadence.of(config, batches.steps_per_epoch)
         self.optimizer = build_optimizer(params, optim)
         length = schedule_length(schedule, self.cadence.total_steps, batches.steps_per_epoch)
@@ -100,7 +118,7 @@ class Trainer:
         self.stopwatch.start()
         epoch_batches = None
         try:
-            while progress.step < cadence.total_steps:
+            while progress.step < cadence.total_steps and not progress.stopped_early:
                 if epoch_batches is None:
                     resume_at = cadence.step_in_epoch(progress.step, progress.epoch)
                     epoch_batches = iter(self.batches.epoch(progress.epoch, start_step=resume_at))
@@ -131,8 +149,12 @@ class Trainer:
                 # A step boundary: everything of this step is done, so a checkpoint here resumes exactly.
                 if cadence.evaluates(step, progress.evaluated_at):
                     self.evaluate()
-                if cadence.checkpoints(step):
+                if cadence.checkpoints(step) or progress.stopped_early:
                     self.save_checkpoint()
+                if progress.stopped_early:
+                    message = self.watch.stop_message(progress)
+                    log.info("%s", message)
+                    break
                 if self.preemption.agreed(step, cadence.checks_signals(step)):
                     self.save_checkpoint()
                     raise StopTraining("preempted", self.preempted_message(step))
@@ -171,10 +193,12 @@ class Trainer:
         with self.stopwatch.aside():  # evaluation ends in a host sync: this is its real cost
             current_op("evaluation metrics all-reduce", step)
             chunk = self.batches.micro_batch
-            val = evaluate(self.model, self.strategy.predict, data.val, data.task, self.env, chunk)
+            val = evaluate(self.model, self.strategy.predict, data.val, self.loss, self.metrics, self.env, chunk)
             self.logger.scalars(step, val)
             self.progress.metrics.update(val)
             self.progress.evaluated_at = step
+            if self.watch.active and self.watch.observe(self.progress, val) and self.save_best is not None:
+                self.save_best(self.model, step, val)
             if self.draws_figures and self.cadence.draws_figures(step, self.figured_at):
                 self.logger.images(step, draw_figures(self.model, data, self.env.device, chunk))
                 self.figured_at = step

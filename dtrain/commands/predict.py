@@ -1,0 +1,133 @@
+"""``dtrain predict RUN_DIR [data overrides] --out FILE``: a trained model's predictions for new rows.
+
+The run's own ``config.yaml`` says where its data came from; ``data.*`` overrides point it elsewhere
+(``data.path=new.csv``). For a file, every row is predicted (a target column, if there, is left out); for a
+generated data set, its validation split. Under torchrun each rank predicts its share of the rows and rank 0
+writes them all, in order. Classification writes each row's class and every class's probability; regression
+its predicted value(s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dtrain import dist
+from dtrain.atomic import write_atomic
+from dtrain.config import Config, load
+from dtrain.data import build_dataset, shard_bounds
+from dtrain.errors import ConfigError, UserError
+from dtrain.model_file import TrainedModel, read_model
+
+log = logging.getLogger("dtrain")
+FORMATS = (".csv", ".npz")
+
+
+def run_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The run's ``config.yaml`` with ``data.*`` overrides applied, checked as training checks it."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no config.yaml: is it a dtrain run directory?")
+    bad = [o for o in overrides if not o.startswith("data.")]
+    if bad:
+        raise ConfigError(f"dtrain predict takes data.* overrides (e.g. data.path=new.csv), not {bad[0]!r}")
+    try:
+        saved = OmegaConf.load(path)
+        given = OmegaConf.from_dotlist(overrides)
+        if OmegaConf.select(given, "data.path") is not None and saved.data.get("name") != "file":
+            saved.data = {"name": "file"}  # a generated data set's run, asked about a file: the file's section
+        merged = OmegaConf.merge(saved, given)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{overrides}: {str(exc).splitlines()[0]}") from None
+    return load(merged)
+
+
+def inputs(config: Config) -> torch.Tensor:
+    """The rows to predict, in float64 on the CPU: a file's every row, or a generated set's validation split."""
+    if config.data.name == "file":
+        from dtrain.data.files import read_features
+
+        return torch.as_tensor(read_features(config.data), dtype=torch.float64)
+    data = build_dataset(config.data, config.seed)
+    return data.val[""].x if "" in data.val else data.train.x
+
+
+def predict_rows(trained: TrainedModel, x: torch.Tensor, chunk: int = 4096) -> dict[str, np.ndarray]:
+    """The model's predictions for ``x``: ``class`` and ``probabilities``, or ``prediction``."""
+    outputs = []
+    with torch.no_grad():
+        for lo in range(0, len(x), chunk):
+            outputs.append(trained.module(x[lo : lo + chunk]).cpu())  # in the model's own dtype
+    output = torch.cat(outputs) if outputs else torch.empty(0, trained.sizes.num_outputs)
+    if trained.task == "classification":
+        probabilities = trained.loss.probabilities(output)
+        return {"class": probabilities.argmax(dim=1).numpy(), "probabilities": probabilities.numpy()}
+    return {"prediction": output.reshape(len(output), -1).numpy()}
+
+
+def file_bytes(columns: dict[str, np.ndarray], suffix: str) -> bytes:
+    """The predictions as a ``.npz`` (the arrays as they are) or a ``.csv`` (one column per value)."""
+    buffer = io.BytesIO()
+    if suffix == ".npz":
+        np.savez(buffer, **columns)
+        return buffer.getvalue()
+    names, blocks = [], []
+    for name, array in columns.items():
+        block = array.reshape(len(array), -1)
+        if block.shape[1] == 1 and name != "probabilities":
+            names.append(name)
+        else:
+            names += [f"{'prob' if name == 'probabilities' else name}_{k}" for k in range(block.shape[1])]
+        blocks.append(block)
+    table = np.concatenate(blocks, axis=1) if blocks else np.empty((0, 0))
+    text = io.StringIO()
+    integer = "class" in columns
+    text.write(",".join(names) + "\n")
+    for row in table:
+        cells = [str(int(row[0])) if integer else repr(float(row[0]))] + [repr(float(v)) for v in row[1:]]
+        text.write(",".join(cells) + "\n")
+    return text.getvalue().encode()
+
+
+def main(argv: list[str]) -> int:
+    """``dtrain predict RUN_DIR [--best] [--out FILE] [--device D] [data.*=...]``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="dtrain predict", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a finished run's directory (or its model file)")
+    parser.add_argument("--best", action="store_true", help="the best model (model_best.pt) rather than the final one")
+    parser.add_argument(
+        "--out", type=Path, default=Path("predictions.csv"), help=".csv or .npz (default predictions.csv)"
+    )
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs")
+    args, overrides = parser.parse_known_args(argv)
+    if args.out.suffix.lower() not in FORMATS:
+        raise UserError(f"--out {args.out}: unsupported suffix {args.out.suffix!r}; use .csv or .npz")
+    run_dir = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent
+    config = run_config(run_dir, overrides)
+    env = dist.setup(args.device, config.dist.backend, config.dist.timeout_s, config.dist.checkpoint_timeout_s)
+    try:
+        trained = read_model(args.run_dir, args.best, env.device)
+        x = inputs(config)
+        if x.shape[1] != trained.sizes.num_inputs:
+            raise UserError(
+                f"{config.data.name} data has {x.shape[1]} input column(s) but the model was trained on "
+                f"{trained.sizes.num_inputs}: give it the same features"
+            )
+        start, stop = shard_bounds(len(x), env.rank, env.world_size)
+        mine = predict_rows(trained, x[start:stop].to(env.device, trained.dtype))
+        parts = dist.gather_to_main(mine, env)
+        if parts is not None:
+            columns = {name: np.concatenate([part[name] for part in parts]) for name in mine}
+            write_atomic(args.out, file_bytes(columns, args.out.suffix.lower()))
+            which = "best" if args.best else "final"
+            print(f"predictions: {len(x)} rows from the {which} model of {run_dir} -> {args.out}")
+        dist.barrier(env)
+    finally:
+        dist.teardown(env)
+    return 0

@@ -1,0 +1,115 @@
+"""A trained model as one self-describing file (``model.pt``, ``model_best.pt``), and :func:`load` to use it again.
+
+The file holds what rebuilding the model needs without the data or an internal class: the model's config (a
+built-in option, or the user's ``_target_`` and arguments), its sizes and task, the loss (which says how outputs
+become probabilities), the dtype of its weights and of the inputs it was trained on, the weights, and the
+place for the data preprocessing it was trained with (none yet: issue 14 fills it). Plain data and tensors only,
+so ``torch.load(..., weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtrain.atomic import write_atomic
+from dtrain.config import Config, loss_section, model_section, section_plain
+from dtrain.errors import UserError
+from dtrain.models.sizes import ModelSizes
+
+FORMAT = "dtrain.model/1"
+FINAL, BEST = "model.pt", "model_best.pt"
+
+
+def model_bytes(
+    model: nn.Module, config: Config, sizes: ModelSizes, step: int, metrics: dict[str, float] | None = None
+) -> bytes:
+    """``model`` with everything :func:`load` needs, as the bytes of one ``torch.save`` file."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    record = {
+        "format": FORMAT,
+        "model": section_plain(config.model),
+        "loss": section_plain(config.loss),
+        "sizes": sizes.to_dict(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "input_dtype": str(dtype).removeprefix("torch."),  # the data is cast to the weights' dtype for training
+        "step": step,
+        "metrics": dict(metrics or {}),
+        "preprocessing": None,  # the data's preprocessing travels here (issue 14)
+        "state_dict": state,
+    }
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    return buffer.getvalue()
+
+
+def save_model(path: Path, model: nn.Module, config: Config, sizes: ModelSizes, step: int, metrics: Any = None) -> None:
+    """Write :func:`model_bytes` to ``path`` atomically (a reader never sees half a file)."""
+    write_atomic(path, model_bytes(model, config, sizes, step, metrics))
+
+
+@dataclass
+class TrainedModel:
+    """A model read back from its file: the module (eval mode) and what it was trained as."""
+
+    module: nn.Module
+    sizes: ModelSizes
+    loss: Any  # dtrain.train.objective.Loss
+    dtype: torch.dtype
+    record: dict[str, Any]
+
+    @property
+    def task(self) -> str:
+        return self.sizes.task
+
+
+def model_path(source: str | Path, best: bool = False) -> Path:
+    """The model file of a run directory (``model.pt``, or ``model_best.pt`` with ``best``), or ``source`` itself."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / (BEST if best else FINAL)
+        if not path.is_file():
+            if best:
+                raise UserError(f"{path} does not exist: the run kept no best model (that needs checkpoint.save_best)")
+            raise UserError(f"{path} does not exist: the run has not finished, or it diverged (see its metrics.json)")
+    elif not path.is_file():
+        raise UserError(f"{source}: no such run directory or model file")
+    return path
+
+
+def read_model(source: str | Path, best: bool = False, device: str | torch.device = "cpu") -> TrainedModel:
+    """The trained model of ``source`` (a run directory or a model file), rebuilt and on ``device``."""
+    from dtrain.models import build_model
+    from dtrain.train.objective import build_loss
+
+    path = model_path(source, best)
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which, in one line
+        raise UserError(f"{path} is not a model file dtrain can read: {str(exc).strip().splitlines()[0]}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise UserError(f"{path} is not a dtrain model file (format {FORMAT}); was it written by an older dtrain?")
+    sizes = ModelSizes(**record["sizes"])
+    module = build_model(model_section(dict(record["model"])), sizes)
+    dtype = getattr(torch, record["dtype"])
+    module = module.to(dtype)
+    module.load_state_dict(record["state_dict"])
+    module = module.to(device).eval()
+    loss = build_loss(loss_section(record["loss"]), sizes.task, sizes.num_classes)
+    return TrainedModel(module, sizes, loss, dtype, record)
+
+
+def load(source: str | Path, best: bool = False, device: str | torch.device = "cpu") -> nn.Module:
+    """A run's trained model, ready for inference: ``dtrain.load(RUN_DIR)``.
+
+    ``source`` is a run directory (its ``model.pt``; ``best=True`` for ``model_best.pt``) or a model file. The
+    module is in eval mode on ``device``, in the dtype it was trained in (feed it inputs of that dtype, its
+    parameters' dtype). A user's model is imported by its ``_target_``: its package must be importable.
+    """
+    return read_model(source, best, device).module

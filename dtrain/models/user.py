@@ -1,0 +1,98 @@
+"""A user's own model: ``model._target_`` imported and called with the arguments beside it (docs/your-model.md).
+
+The contract, in one place: the target is a ``torch.nn.Module`` subclass, or a function that returns one. Its
+constructor's ``num_inputs`` and ``num_outputs`` parameters, where it has them and the config does not set
+them, are filled from the data (features per row; targets per row for regression, classes for
+classification, 1 for ``loss=bce_with_logits``). A value that is itself a mapping with ``_target_`` is built
+first, as Hydra's ``instantiate`` does. Every mistake is a :class:`~dtrain.errors.ConfigError` of one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from torch import nn
+
+from dtrain.config import UserModelConfig
+from dtrain.errors import ConfigError
+from dtrain.models.sizes import ModelSizes
+
+FILLED_FROM_DATA = ("num_inputs", "num_outputs")
+
+
+def import_target(target: str, key: str) -> Any:
+    """The object ``target`` (``pkg.module.Name``) names; a one-line error quoting the import's own message."""
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{key}={target!r} cannot be imported: {exc}") from None
+    except Exception as exc:  # the module itself raised while importing: still the user's to fix, in one line
+        raise ConfigError(f"{key}={target!r}: importing {module_name} raised {type(exc).__name__}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        public = sorted(n for n in vars(module) if not n.startswith("_"))[:12]
+        raise ConfigError(
+            f"{key}={target!r}: module {module_name} has no {attr!r}; it has: {', '.join(public)}"
+        ) from None
+
+
+def call_with(obj: Any, args: dict[str, Any], key: str, target: str) -> Any:
+    """``obj(**args)``, a mismatch between ``args`` and the signature named in one line (with what it takes)."""
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**args)
+        except TypeError as exc:
+            takes = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
+            raise ConfigError(
+                f"{key}={target!r}: {exc} (given: {', '.join(args) or 'none'}; it takes: {', '.join(takes) or 'none'})"
+            ) from None
+    try:
+        return obj(**args)
+    except (TypeError, ValueError) as exc:
+        shown = ", ".join(f"{k}={v!r}" for k, v in args.items())
+        raise ConfigError(f"{key}={target!r}: {target}({shown}) raised {type(exc).__name__}: {exc}") from None
+
+
+def instantiate_args(args: dict[str, Any], key: str) -> dict[str, Any]:
+    """Arguments with nested ``{_target_: ...}`` mappings built (Hydra's ``instantiate`` vocabulary)."""
+    built = {}
+    for name, value in args.items():
+        if isinstance(value, dict) and "_target_" in value:
+            inner = {k: v for k, v in value.items() if k != "_target_"}
+            sub_key = f"{key.rsplit('.', 1)[0]}.{name}._target_"
+            built[name] = call_with(import_target(value["_target_"], sub_key), inner, sub_key, value["_target_"])
+        else:
+            built[name] = value
+    return built
+
+
+def build_user_model(cfg: UserModelConfig, sizes: ModelSizes) -> nn.Module:
+    """The module ``cfg`` names, sized for the data where its constructor asks (``num_inputs``, ``num_outputs``)."""
+    key, target = "model._target_", cfg.target
+    factory = import_target(target, key)
+    if inspect.isclass(factory) and not issubclass(factory, nn.Module):
+        raise ConfigError(f"{key}={target!r} is a class but not a torch.nn.Module; dtrain trains nn.Module subclasses")
+    if not callable(factory):
+        raise ConfigError(f"{key}={target!r} is a {type(factory).__name__}, not an nn.Module class or a factory")
+    args = instantiate_args(cfg.args, key)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    for name in FILLED_FROM_DATA:
+        if name in parameters and name not in args:
+            args[name] = getattr(sizes, name)
+    model = call_with(factory, args, key, target)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{key}={target!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"{key}={target!r} has no trainable parameters: there is nothing to train")
+    return model
