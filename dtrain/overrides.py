@@ -39,6 +39,7 @@ def normalise(overrides: list[str]) -> list[str]:
                 f"(or write your own option file, see docs/your-model.md)"
             )
         result = [o.lstrip("+") if target.match(o) else o for o in result]
-        if not chosen:
-            result.append(f"{group}=custom")  # after any flags (-m): Hydra reads group choices wherever they are
+        if not chosen:  # beside the _target_ override: among the overrides, wherever Hydra's flags are
+            first = next(i for i, o in enumerate(result) if o.startswith(f"{group}._target_="))
+            result.insert(first, f"{group}=custom")
     return result

@@ -30,6 +30,7 @@ LAUNCH = REPO / "launch"
 K8S = LAUNCH / "k8s"
 DOCKERFILES = (DOCKER / "Dockerfile", DOCKER / "Dockerfile.cpu")
 SCRIPTS = (LAUNCH / "local.sh", LAUNCH / "multinode.sh", LAUNCH / "slurm.sbatch", DOCKER / "entrypoint.sh")
+SCRIPTS += (REPO / "examples" / "digits" / "run.sh",)
 
 
 def tool(name: str) -> str:

@@ -159,6 +159,20 @@ def test_a_sweep_over_a_user_modules_arguments(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("how", ["searchpath", "config-dir"])
+def test_an_option_file_of_the_users_own(tmp_path: Path, how: str) -> None:
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "model" / "my_net.yaml").write_text("_target_: tests.user_models.make_tiny\nwidth: 3\n")
+    args = ("model=my_net", "model.width=5", "data=sine", "data.num_points=100", "trainer.max_epochs=1")
+    if how == "searchpath":
+        assert_ok(run_dtrain(tmp_path / "run", f"hydra.searchpath=[file://{conf}]", *args))
+    else:  # Hydra's flags come before the overrides
+        code, _, err = main_in_process("--config-dir", str(conf), f"hydra.run.dir={tmp_path / 'run'}", *args)
+        assert code == 0, err
+    assert state(tmp_path / "run")["encoder.weight"].shape == (5, 1)  # the factory got width=5, num_inputs=1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Losses and metrics
 
@@ -223,6 +237,7 @@ BAD_INPUT = [
     (("model._target_=tests.user_models.FrozenNet",), ("no trainable parameters",)),
     (("model=tests.user_models.TinyNet",), ("not a model option", "model._target_=tests.user_models.TinyNet")),
     ((TINY, "loss._target_=tests.user_models.per_row_loss"), ("not a scalar tensor",)),
+    ((TINY, "loss._target_=tests.user_models.nan_loss"), ("is nan on the first batch",)),
     ((TINY, "loss=cross_entropy"), ("loss=cross_entropy is for classification",)),
     ((TINY, "data=moons", "metrics=[r2]"), ("'r2' does not apply to classification",)),
     ((TINY, "metrics=[f2]"), ("'f2' is not one of",)),

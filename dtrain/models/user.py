@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from typing import Any
 
 from torch import nn
@@ -25,6 +27,9 @@ FILLED_FROM_DATA = ("num_inputs", "num_outputs")
 def import_target(target: str, key: str) -> Any:
     """The object ``target`` (``pkg.module.Name``) names; a one-line error quoting the import's own message."""
     module_name, _, attr = target.rpartition(".")
+    # `python -m dtrain` finds packages in the working directory; the `dtrain` console script would not.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

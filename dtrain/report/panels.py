@@ -66,7 +66,7 @@ class Panel:
 def curve_panels(runs: list[RunData]) -> list[Panel]:
     """The charts of the report, in order, each only where some run logged its tags."""
     panels = [_loss_panel(runs), _lr_panel(runs), _grad_norm_panel(runs)]
-    panels += [_update_ratio_panel(runs), _param_panel(runs), _accuracy_panel(runs)]
+    panels += [_update_ratio_panel(runs), _param_panel(runs), *_metric_panels(runs)]
     return [p for p in panels if p.lines]
 
 
@@ -154,12 +154,15 @@ def _param_panel(runs: list[RunData]) -> Panel:
     return Panel("param", "Parameter trajectories", "value", False, lines, list(references), yrange=yrange, note=note)
 
 
-def _accuracy_panel(runs: list[RunData]) -> Panel:
-    lines = [
-        Line(i, "val/accuracy", r.scalars["val/accuracy"].steps, r.scalars["val/accuracy"].values)
-        for i, r in _having(runs, "val/accuracy")
-    ]
-    return Panel("accuracy", "Validation accuracy", "accuracy", False, lines)
+def _metric_panels(runs: list[RunData]) -> list[Panel]:
+    """One chart per validation metric besides the loss (``val/accuracy``, ``val/f1``, a user's ``val/kappa``)."""
+    tags = sorted({t for r in runs for t in r.scalars if t.startswith("val/") and not t.startswith("val/loss")})
+    panels = []
+    for tag in tags:
+        name = tag.removeprefix("val/")
+        lines = [Line(i, tag, r.scalars[tag].steps, r.scalars[tag].values) for i, r in _having(runs, tag)]
+        panels.append(Panel(name, f"Validation {name}", name, False, lines))
+    return panels
 
 
 def _having(runs: list[RunData], tag: str) -> list[tuple[int, RunData]]:

@@ -56,6 +56,7 @@ def load_model(run: RunData) -> RunModel:
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(x)
+            output = model(x)
+        return trained.loss.class_logits(output) if trained.task == "classification" else output
 
     return RunModel(predict=predict, data=data)

@@ -75,13 +75,16 @@ def evaluate(
     return results | library
 
 
-def draw_figures(model: nn.Module, data: DataSet, device: torch.device, chunk: int) -> dict[str, np.ndarray]:
+def draw_figures(
+    model: nn.Module, data: DataSet, device: torch.device, chunk: int, loss: Loss
+) -> dict[str, np.ndarray]:
     """The model's figures (:mod:`dtrain.train.figures`) as RGB images, the model run in eval mode in chunks."""
     from dtrain.train.figures import figure_to_rgb, model_figures
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         outputs = [model(x[i : i + chunk].to(device)).float().cpu() for i in range(0, len(x), chunk)]
-        return torch.cat(outputs)
+        output = torch.cat(outputs)
+        return loss.class_logits(output) if data.task == "classification" else output
 
     was_training = model.training
     model.eval()

@@ -51,6 +51,13 @@ class Loss:
         flat = self.elementwise(output.reshape(m * n, *output.shape[2:]), target.repeat(m, *([1] * (target.ndim - 1))))
         return flat.reshape(m, -1).mean(dim=1)
 
+    def class_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """Classification: one logit per class, ``[N, classes]`` (a binary logit ``z`` becomes ``[0, z]``), for
+        what draws a decision boundary from logits."""
+        if self.binary:
+            return torch.cat([torch.zeros_like(output[:, :1]), output.reshape(len(output), 1)], dim=1)
+        return output
+
     def probabilities(self, output: torch.Tensor) -> torch.Tensor:
         """Classification: each class's probability, ``[N, classes]``, from the model's logits."""
         if self.binary:

@@ -200,7 +200,7 @@ class Trainer:
             if self.watch.active and self.watch.observe(self.progress, val) and self.save_best is not None:
                 self.save_best(self.model, step, val)
             if self.draws_figures and self.cadence.draws_figures(step, self.figured_at):
-                self.logger.images(step, draw_figures(self.model, data, self.env.device, chunk))
+                self.logger.images(step, draw_figures(self.model, data, self.env.device, chunk, self.loss))
                 self.figured_at = step
 
     def save_checkpoint(self) -> None:
