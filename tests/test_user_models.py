@@ -223,6 +223,14 @@ def test_load_and_predict_a_built_in_model(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model(x).reshape(-1).tolist()
     assert [float(v) for v in lines[1:]] == pytest.approx(expected, rel=1e-12)
+    # A .csv without the target column, into a .npz.
+    (tmp_path / "new.csv").write_text("a,b\n0.5,-1.0\n1.0,1.0\n")
+    code, _, err = main_in_process(
+        "predict", str(run.run_dir), f"data.path={tmp_path / 'new.csv'}", "--out", f"{out}.npz"
+    )
+    assert code == 0, err
+    with np.load(f"{out}.npz") as predicted:
+        assert predicted["prediction"].reshape(-1).tolist() == pytest.approx(expected, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------
