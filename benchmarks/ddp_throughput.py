@@ -427,7 +427,9 @@ def load_weights(path: Path) -> torch.Tensor | None:
     """A run's final weights as one flat float64 vector (state-dict order), or None where they are missing."""
     if not path.exists():
         return None
-    weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(weights, dict) and "state_dict" in weights:  # dtrain's model.pt: the weights inside
+        weights = weights["state_dict"]
     tensors = list(weights.values()) if isinstance(weights, dict) else list(weights)
     return torch.cat([t.detach().double().reshape(-1) for t in tensors])
 
