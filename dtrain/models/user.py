@@ -45,8 +45,10 @@ def import_target(target: str, key: str) -> Any:
         ) from None
 
 
-def call_with(obj: Any, args: dict[str, Any], key: str, target: str) -> Any:
-    """``obj(**args)``, a mismatch between ``args`` and the signature named in one line (with what it takes)."""
+def call_with(obj: Any, args: dict[str, Any], key: str, target: str, filled: tuple[str, ...] = ()) -> Any:
+    """``obj(**args)``, a mismatch between ``args`` and the signature named in one line (with what it takes).
+
+    ``filled``: the arguments dtrain added from the data, named apart from the user's own."""
     try:
         signature = inspect.signature(obj)
     except (TypeError, ValueError):
@@ -56,8 +58,11 @@ def call_with(obj: Any, args: dict[str, Any], key: str, target: str) -> Any:
             signature.bind(**args)
         except TypeError as exc:
             takes = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
+            given = [a for a in args if a not in filled]
+            from_data = f"; from the data: {', '.join(filled)}" if filled else ""
             raise ConfigError(
-                f"{key}={target!r}: {exc} (given: {', '.join(args) or 'none'}; it takes: {', '.join(takes) or 'none'})"
+                f"{key}={target!r}: {exc} (given: {', '.join(given) or 'none'}{from_data}; "
+                f"it takes: {', '.join(takes) or 'none'})"
             ) from None
     try:
         return obj(**args)
@@ -92,10 +97,9 @@ def build_user_model(cfg: UserModelConfig, sizes: ModelSizes) -> nn.Module:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         parameters = {}
-    for name in FILLED_FROM_DATA:
-        if name in parameters and name not in args:
-            args[name] = getattr(sizes, name)
-    model = call_with(factory, args, key, target)
+    filled = tuple(name for name in FILLED_FROM_DATA if name in parameters and name not in args)
+    args.update({name: getattr(sizes, name) for name in filled})
+    model = call_with(factory, args, key, target, filled)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{key}={target!r} returned a {type(model).__name__}, not a torch.nn.Module")
     if not any(p.requires_grad for p in model.parameters()):
