@@ -31,7 +31,7 @@ import torch
 
 from dtrain import __version__
 from dtrain.atomic import remove_stale_temporaries, write_atomic
-from dtrain.config import CHANGEABLE_ON_RESUME
+from dtrain.config import CHANGEABLE_ON_RESUME, Config, to_plain
 from dtrain.errors import UserError
 
 FORMAT = 1  # bumped when the state's layout changes
@@ -215,7 +215,10 @@ def config_changes(
     Raises :class:`CheckpointError` naming the first difference that is not allowed, and saying whether
     ``checkpoint.allow_changes`` could allow it.
     """
-    old, new = _flatten(saved), _flatten(current)
+    # A key added to the config since the checkpoint was written counts as its default there.
+    new = _flatten(current)
+    defaults = {k: v for k, v in _flatten(to_plain(Config())).items() if k in new}
+    old = defaults | _flatten(saved)
     differences = [
         (k, old.get(k, "<absent>"), new.get(k, "<absent>"))
         for k in sorted(set(old) | set(new))

@@ -75,6 +75,7 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     sizes = model_sizes(config, data)
     loss = build_loss(config.loss, data.task, data.num_classes)
     metrics = ValMetrics(config.metrics, sizes, loss)
+    metrics.check(data.val, env.world_size)
     check_objective(config, data, metrics.names)
     model = build_initial_model(config, data)
     check_fit(model.to(env.device, dtype), loss, data, sizes)  # the user's model and loss, on one batch

@@ -246,6 +246,11 @@ BAD_INPUT = [
     (("model=tests.user_models.TinyNet",), ("not a model option", "model._target_=tests.user_models.TinyNet")),
     ((TINY, "loss._target_=tests.user_models.per_row_loss"), ("not a scalar tensor",)),
     ((TINY, "loss._target_=tests.user_models.nan_loss"), ("is nan on the first batch",)),
+    ((TINY, "loss._target_=tests.user_models.detached_loss"), ("without a gradient",)),
+    (
+        (TINY, "data=moons", "metrics=[{_target_:torchmetrics.classification.MulticlassConfusionMatrix}]"),
+        ("'multiclassconfusionmatrix' computes [2, 2], not one number",),
+    ),
     ((TINY, "loss=cross_entropy"), ("loss=cross_entropy is for classification",)),
     ((TINY, "data=moons", "metrics=[r2]"), ("'r2' does not apply to classification",)),
     ((TINY, "metrics=[f2]"), ("'f2' is not one of",)),
@@ -258,3 +263,62 @@ BAD_INPUT = [
 @pytest.mark.parametrize(("overrides", "fragments"), BAD_INPUT, ids=[" ".join(o) for o, _ in BAD_INPUT])
 def test_bad_user_input_is_one_line(tmp_path: Path, overrides: tuple[str, ...], fragments: tuple[str, ...]) -> None:
     one_line_refusal(run_dtrain(tmp_path / "run", *overrides), *fragments)
+
+
+def test_predicts_bad_arguments_are_one_line(tmp_path: Path) -> None:
+    run = assert_ok(run_dtrain(tmp_path / "run", "trainer.max_epochs=1"))
+    for args, fragment in [
+        ((str(run.run_dir), "--out", str(tmp_path / "no" / "p.csv")), "no directory"),
+        ((str(run.run_dir / "model.pt"), "--best"), "drop --best"),
+        ((str(tmp_path / "nowhere"),), "no such run directory or model file"),
+        ((str(run.run_dir), "--best"), "kept no best model"),
+    ]:
+        code, _, err = main_in_process("predict", *args)
+        assert code == 2 and err.startswith("dtrain: error: ") and fragment in err and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parts, in process
+
+
+def test_an_empty_shard_sums_to_zero_for_every_loss() -> None:
+    from dtrain.config import LossConfig, UserLossConfig
+    from dtrain.train.objective import build_loss, metric_sums
+
+    for name in ("mse", "l1", "huber"):
+        loss = build_loss(LossConfig(name=name), "regression")
+        assert float(metric_sums(loss, "regression", torch.zeros(0, 1), torch.zeros(0, 1))["loss"]) == 0.0
+    user = build_loss(UserLossConfig(target="tests.user_models.scaled_mse"), "regression")
+    assert float(user.total(torch.zeros(0, 1), torch.zeros(0, 1))) == 0.0  # not 0 x nan
+    ce = build_loss(LossConfig(), "classification")
+    sums = metric_sums(ce, "classification", torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    assert float(sums["loss"]) == 0.0 and float(sums["accuracy"]) == 0.0
+
+
+def test_a_checkpoint_written_before_the_new_keys_still_resumes(tmp_path: Path) -> None:
+    from dtrain.checkpoint import CheckpointError, config_changes
+    from dtrain.compose import compose_config
+    from dtrain.config import to_plain
+
+    current = to_plain(compose_config(["trainer.max_epochs=2"]))
+    old = {k: v for k, v in current.items() if k not in ("loss", "metrics")}
+    old["trainer"] = {k: v for k, v in current["trainer"].items() if k != "early_stopping"}
+    old["checkpoint"] = {k: v for k, v in current["checkpoint"].items() if k != "save_best"}
+    assert config_changes(old, current, 1, 1, [], tmp_path) == []
+    with pytest.raises(CheckpointError, match=r"loss\.name was 'auto', now 'l1'"):
+        config_changes(old, to_plain(compose_config(["loss=l1"])), 1, 1, [], tmp_path)
+
+
+def test_the_watch_starts_over_when_the_objective_changes() -> None:
+    from dtrain.compose import compose_config
+    from dtrain.train.state import Progress
+    from dtrain.train.watch import ObjectiveWatch
+
+    progress = Progress(step=10, best_value=0.1, best_step=10, stop_best=0.1, evals_without_improvement=1)
+    progress.watched = "auto:min"
+    ObjectiveWatch(compose_config(["checkpoint.save_best=true"])).adopt(progress)
+    assert progress.best_value == 0.1 and progress.watched == "auto:min"  # the same objective: kept
+    changed = compose_config(["checkpoint.save_best=true", "objective.metric=val/accuracy", "objective.mode=max"])
+    ObjectiveWatch(changed).adopt(progress)
+    assert progress.best_value is None and progress.evals_without_improvement == 0
+    assert progress.watched == "val/accuracy:max"

@@ -30,14 +30,22 @@ log = logging.getLogger("dtrain")
 FORMATS = (".csv", ".npz")
 
 
-def run_config(run_dir: Path, overrides: list[str]) -> Config:
-    """The run's ``config.yaml`` with ``data.*`` overrides applied, checked as training checks it."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no config.yaml: is it a dtrain run directory?")
+def run_config(source: Path, overrides: list[str]) -> Config:
+    """The run's ``config.yaml`` with ``data.*`` overrides applied, checked as training checks it. A model file
+    without its run directory's ``config.yaml`` is read with the defaults and the file that ``data.path`` names."""
     bad = [o for o in overrides if not o.startswith("data.")]
     if bad:
         raise ConfigError(f"dtrain predict takes data.* overrides (e.g. data.path=new.csv), not {bad[0]!r}")
+    run_dir = source if source.is_dir() else source.parent
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        if source.is_file() and any(o.startswith("data.path=") for o in overrides):
+            from dtrain.compose import compose_config
+
+            return compose_config(["data=file", *overrides])
+        raise UserError(
+            f"{run_dir} has no config.yaml: give a dtrain run directory, or a model file with data.path=..."
+        )
     try:
         saved = OmegaConf.load(path)
         given = OmegaConf.from_dotlist(overrides)
@@ -108,8 +116,14 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     if args.out.suffix.lower() not in FORMATS:
         raise UserError(f"--out {args.out}: unsupported suffix {args.out.suffix!r}; use .csv or .npz")
+    if not args.out.parent.is_dir():
+        raise UserError(f"--out {args.out}: no directory {args.out.parent} to write it in")
+    if not args.run_dir.exists():
+        raise UserError(f"{args.run_dir}: no such run directory or model file")
+    if args.best and not args.run_dir.is_dir():
+        raise UserError(f"--best picks model_best.pt in a run directory; {args.run_dir} is a file: drop --best")
     run_dir = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent
-    config = run_config(run_dir, overrides)
+    config = run_config(args.run_dir, overrides)
     env = dist.setup(args.device, config.dist.backend, config.dist.timeout_s, config.dist.checkpoint_timeout_s)
     try:
         trained = read_model(args.run_dir, args.best, env.device)

@@ -25,7 +25,7 @@ from dtrain.config import Config, ConfigError
 from dtrain.data import ShardedBatches, build_dataset, shard_bounds
 from dtrain.data.dataset import DataSet
 from dtrain.graph import builders
-from dtrain.models import build_initial_model, gradient_source
+from dtrain.models import build_initial_model, gradient_source, model_sizes
 from dtrain.population import leaderboard
 from dtrain.population.chunking import pick_chunk
 from dtrain.population.members import Member, describe, expand_members, varied_specs
@@ -36,7 +36,7 @@ from dtrain.run_dir import open_run_dir
 from dtrain.train.cadence import Cadence
 from dtrain.train.logger import RunLogger
 from dtrain.train.metrics import default_metrics
-from dtrain.train.objective import Loss, build_loss, check_objective
+from dtrain.train.objective import Loss, build_loss, check_fit, check_objective
 from dtrain.train.strategy import param_dtype
 
 log = logging.getLogger("dtrain")
@@ -85,6 +85,7 @@ def build_stacked(
         if seed not in singles:  # members that share a seed share initial weights: build once
             singles[seed] = build_initial_model(member.config, data).to(device, dtype)
         models.append(singles[seed])
+    check_fit(models[0], loss, data, model_sizes(members[0].config, data))  # the user's model and loss, once
     buffers = [name for name, _ in models[0].named_buffers()]
     if buffers:
         raise ConfigError(
@@ -170,7 +171,8 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> RunRes
     local = members[start:stop]
     dtype = param_dtype(config.trainer.precision)
     data = build_dataset(config.data, config.seed).to(env.device, dtype)
-    if config.metrics is not None and config.metrics != default_metrics(data.task):
+    counted = default_metrics(data.task)  # what a population logs per member besides the loss
+    if config.metrics is not None and not all(isinstance(m, str) and m in counted for m in config.metrics):
         raise ConfigError(
             f"metrics={config.metrics}: a population logs val/loss (and val/accuracy for classification) per "
             "member; train single runs (a sweep) for other metrics"

@@ -9,10 +9,12 @@ and the default classification run needs nothing else. Any other metric imports 
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import torch
 
+from dtrain.data.dataset import Split
 from dtrain.errors import ConfigError
 from dtrain.models.sizes import ModelSizes
 from dtrain.train.objective import Loss
@@ -50,6 +52,39 @@ class ValMetrics:
     def names(self) -> list[str]:
         """Every metric's name, as logged under ``val/``: the counted accuracy first."""
         return ([COUNTED] if self.counts_accuracy else []) + list(self.library)
+
+    def check(self, val: dict[str, Split], world_size: int, rows: int = 8) -> None:
+        """Refuse, before training, a metric that cannot work on this data: each is tried on a copy, unsynced, with
+        predictions of the right shape for the first validation rows; and every rank needs rows to update with
+        (torchmetrics' classification states cannot gather an empty rank's)."""
+        if not self.library or not val:
+            return
+        smallest = min(len(split) for split in val.values())
+        if smallest < world_size:
+            raise ConfigError(
+                f"metrics={list(self.library)}: a validation split has {smallest} row(s) for {world_size} ranks; "
+                "each rank needs at least one (raise data.val_fraction)"
+            )
+        split = next(iter(val.values()))
+        target = split.y[:rows].cpu()
+        if self.sizes.task == "classification":
+            output = torch.zeros(len(target), 1 if self.loss.binary else self.sizes.num_outputs, dtype=split.x.dtype)
+        else:
+            output = torch.zeros_like(target)
+        for name, metric in self.library.items():
+            trial = metric.clone().cpu()
+            trial._to_sync = False  # a dry run on this rank alone
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # e.g. "no positive samples" on a constant prediction
+                    trial.update(*self._inputs(output, target))
+                    value = trial.compute()
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"metrics entry {name!r} fails on this data: {type(exc).__name__}: {first}") from None
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ConfigError(f"metrics entry {name!r} computes {shape}, not one number")
 
     def to(self, device: torch.device, dtype: torch.dtype) -> ValMetrics:
         for metric in self.library.values():

@@ -15,6 +15,7 @@ from torch import nn
 from dtrain.config import Config, LossConfig, UserLossConfig
 from dtrain.data.dataset import DataSet
 from dtrain.errors import ConfigError
+from dtrain.models import gradient_source
 from dtrain.models.sizes import ModelSizes
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,17 +38,22 @@ class Loss:
     elementwise: LossFn | None = None
 
     def total(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The loss summed over rows (the batch mean times its rows), so shards of any size add up exactly."""
+        """The loss summed over rows (the batch mean times its rows), so shards of any size add up exactly; zero
+        for no rows (a rank whose share of a small validation split is empty)."""
+        if target.shape[0] == 0:
+            return output.new_zeros(())
         if self.elementwise is None:
             return self.fn(output, target) * target.shape[0]
         per_element = self.elementwise(output, target)
-        return per_element.sum() / (per_element[0].numel() if per_element.ndim > 1 else 1)
+        return per_element.sum() / per_element.shape[1:].numel()
 
     def members(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Each population member's mean loss from outputs ``[M, N, ...]`` against one set of targets: ``[M]``."""
         if self.elementwise is None:
             return torch.vmap(self.fn, in_dims=(0, None))(output, target)
         m, n = output.shape[:2]
+        if target.is_floating_point() and tuple(target.shape) == tuple(output.shape[1:]):  # regression: a view
+            return self.elementwise(output, target.expand_as(output)).reshape(m, -1).mean(dim=1)
         flat = self.elementwise(output.reshape(m * n, *output.shape[2:]), target.repeat(m, *([1] * (target.ndim - 1))))
         return flat.reshape(m, -1).mean(dim=1)
 
@@ -142,16 +148,17 @@ def _user_loss(cfg: UserLossConfig) -> LossFn:
 
 def check_fit(model: nn.Module, loss: Loss, data: DataSet, sizes: ModelSizes, rows: int = 8) -> None:
     """Run the model and the loss on the first ``rows`` training rows before any training, and refuse (one line)
-    an output whose shape does not fit the targets, and a loss that is not a finite scalar.
+    a model or loss that fails there, an output whose shape does not fit the targets, and a loss that is not a
+    finite scalar with a gradient.
 
-    Evaluation mode, no gradients and a forked random state: the check changes nothing the run then does.
+    Evaluation mode and a forked random state: the check changes nothing the run then does.
     """
     x, y = data.train.x[:rows], data.train.y[:rows]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            output = model(x)
+        with torch.random.fork_rng(devices=[]):
+            output = _first_call(lambda: model(x), f"the model failed on a first batch of shape {list(x.shape)}")
             if not isinstance(output, torch.Tensor):
                 raise ConfigError(
                     f"the model returned a {type(output).__name__}; it must return one tensor of predictions "
@@ -163,17 +170,31 @@ def check_fit(model: nn.Module, loss: Loss, data: DataSet, sizes: ModelSizes, ro
                     f"the model's output has shape {list(output.shape)} but the targets need {list(expected)} "
                     f"({_what_targets_need(loss, sizes)}): make its last layer give that many outputs"
                 )
-            value = loss.fn(output, y)
+            value = _first_call(lambda: loss.fn(output, y), f"loss={loss.name} failed on the first batch")
     finally:
         model.train(was_training)
     if not isinstance(value, torch.Tensor) or value.ndim != 0:
         shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ConfigError(f"loss={loss.name} returned {shape}, not a scalar tensor: reduce it to one number (a mean)")
-    if not math.isfinite(float(value)):
+    if not math.isfinite(float(value.detach())):
         raise ConfigError(
-            f"loss={loss.name} is {float(value)} on the first batch, before any training: check the loss and the "
+            f"loss={loss.name} is {float(value.detach())} on the first batch, before any training: check the loss and the "
             "data's targets"
         )
+    if gradient_source(model) == "autograd" and not value.requires_grad:
+        raise ConfigError(
+            f"loss={loss.name} returned a tensor without a gradient (computed outside autograd, e.g. through .item() "
+            "or torch.tensor(...)): compute it with torch operations on the prediction"
+        )
+
+
+def _first_call(call: Callable[[], object], what: str) -> object:
+    """``call()``; an exception from the user's code (a model or loss that does not fit the data) as one line."""
+    try:
+        return call()
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{what}: {type(exc).__name__}: {first}") from None
 
 
 def _expected_shape(loss: Loss, y: torch.Tensor, sizes: ModelSizes) -> tuple[int, ...]:

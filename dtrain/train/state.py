@@ -46,6 +46,7 @@ class Progress:
     stop_best: float | None = None  # early stopping: the value the next evaluation must beat by min_delta
     evals_without_improvement: int = 0  # early stopping: evaluations since it last did
     stopped_early: bool = False  # early stopping ended the run: a resumed copy trains no further
+    watched: str = ""  # what the four above watch, "metric:mode"; another objective on resume starts them over
 
 
 @dataclass(frozen=True)

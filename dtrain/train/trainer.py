@@ -104,6 +104,7 @@ class Trainer:
         self.progress = Progress()
         if checkpointer.resumed is not None:
             self.progress = checkpointer.restore(model, self.optimizer, self.scheduler, optim, self.window.sums)
+        self.watch.adopt(self.progress)
         self.stopwatch = Stopwatch(self.progress.train_seconds, self.progress.wall_seconds)
         self.figured_at: int | None = None
 

@@ -7,11 +7,14 @@ so a resumed run keeps the same best and stops at the same step.
 
 from __future__ import annotations
 
+import logging
 import math
 
 from dtrain.config import Config
 from dtrain.results import objective_metric
 from dtrain.train.state import Progress
+
+log = logging.getLogger("dtrain")
 
 
 class ObjectiveWatch:
@@ -24,6 +27,17 @@ class ObjectiveWatch:
         self.patience = config.trainer.early_stopping.patience
         self.min_delta = config.trainer.early_stopping.min_delta
         self.active = self.save_best or self.patience > 0
+        self.key = f"{self.metric}:{self.mode}"
+
+    def adopt(self, progress: Progress) -> None:
+        """Take over a (resumed) progress: if it watched another objective, its best and patience start over."""
+        if progress.watched and progress.watched != self.key:
+            log.info(
+                "objective is now %s (was %s): the best model and early stopping start over", self.key, progress.watched
+            )
+            progress.best_value, progress.best_step, progress.stop_best = None, -1, None
+            progress.evals_without_improvement, progress.stopped_early = 0, False
+        progress.watched = self.key
 
     def _better(self, value: float, than: float | None, margin: float) -> bool:
         if than is None:
@@ -50,8 +64,12 @@ class ObjectiveWatch:
 
     def stop_message(self, progress: Progress) -> str:
         tag = objective_metric(self.metric, progress.metrics)
+        best = (
+            f"best {progress.best_value:.6g} at step {progress.best_step}"
+            if progress.best_value is not None
+            else "no evaluation had a finite value"
+        )
         return (
             f"early stopping after step {progress.step}: {tag} has not improved by more than "
-            f"{self.min_delta:g} for {self.patience} evaluations (best {progress.best_value:.6g} at step "
-            f"{progress.best_step})"
+            f"{self.min_delta:g} for {self.patience} evaluations ({best})"
         )
