@@ -176,10 +176,10 @@ def check_fit(model: nn.Module, loss: Loss, data: DataSet, sizes: ModelSizes, ro
     if not isinstance(value, torch.Tensor) or value.ndim != 0:
         shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise ConfigError(f"loss={loss.name} returned {shape}, not a scalar tensor: reduce it to one number (a mean)")
-    if not math.isfinite(float(value.detach())):
+    first = float(value.detach())
+    if not math.isfinite(first):
         raise ConfigError(
-            f"loss={loss.name} is {float(value.detach())} on the first batch, before any training: check the loss and the "
-            "data's targets"
+            f"loss={loss.name} is {first} on the first batch, before any training: check the loss and the targets"
         )
     if gradient_source(model) == "autograd" and not value.requires_grad:
         raise ConfigError(
