@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -36,6 +37,7 @@ EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_PEER_FAILURE = 4
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, the same command will succeed later
+QUIET_EXIT_GRACE_S = 1.0  # how long a rank that stays quiet about a shared mistake waits before exiting
 # Read once, before main() sets the variable for Hydra: the user's own wish for tracebacks.
 SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
@@ -50,11 +52,23 @@ def setup_logging(rank: int) -> None:
     logger.propagate = False
 
 
-def fail(message: str, code: int, quiet: bool = False) -> None:
-    """Print ``dtrain: error: message`` on stderr (unless ``quiet``) and exit with ``code``."""
+def fail(message: str, code: int, quiet: bool = False, said: bool = False) -> None:
+    """Print ``dtrain: error: message`` on stderr (unless ``quiet``) and exit with ``code``.
+
+    A quiet rank under torchrun leaves the saying to rank 0. Unless rank 0 has ``said`` it already (the ranks
+    agreed on it, :func:`dtrain.run.say_once`), it waits a moment first: torchrun stops every worker at the
+    first exit and could cut rank 0 off mid-sentence."""
     if not quiet:
         print(f"dtrain: error: {message}", file=sys.stderr, flush=True)
+    else:
+        let_rank0_speak(said)
     sys.exit(code)
+
+
+def let_rank0_speak(said: bool) -> None:
+    """Before a quiet rank ends: a moment for rank 0 to say the shared mistake, unless it has (see :func:`fail`)."""
+    if not said and launch_env.under_torchrun():
+        time.sleep(QUIET_EXIT_GRACE_S)
 
 
 OmegaConf.register_new_resolver("dtrain_launch", launch_env.launch_id, use_cache=True, replace=True)
@@ -97,13 +111,17 @@ def _run_job(cfg: DictConfig) -> float:
             remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
         if SHOW_TRACEBACKS:
             raise
-        # Most errors are the same on every rank: say them once.
-        quiet = rank != 0 and not isinstance(exc, RankLocalError)
+        # Most errors are the same on every rank: say them once (run.say_once may have said it already).
+        said = getattr(exc, "said", False)
+        quiet = said or (rank != 0 and not isinstance(exc, RankLocalError))
         if sweeping:  # one bad trial must not end the sweep: report it and score it as the worst
             if not quiet:
                 print(f"dtrain: error: {exc}", file=sys.stderr, flush=True)
+            else:
+                let_rank0_speak(said)
             return worst
-        fail(str(exc), EXIT_PEER_FAILURE if isinstance(exc, PeerFailure) else EXIT_USER_ERROR, quiet=quiet)
+        code = EXIT_PEER_FAILURE if isinstance(exc, PeerFailure) else EXIT_USER_ERROR
+        fail(str(exc), code, quiet=quiet, said=said)
     if result.status in ("diverged", "preempted"):
         if rank == 0:
             print(f"dtrain: {result.message}", file=sys.stderr, flush=True)

@@ -6,7 +6,9 @@ Each arrow is a plain call with explicit inputs. Only rank 0 writes to the run d
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from dtrain import dist
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, as_yaml, to_plain
 from dtrain.data import ShardedBatches, build_dataset
-from dtrain.errors import PeerFailure
+from dtrain.errors import PeerFailure, RankLocalError, UserError
 from dtrain.faults import Faults
 from dtrain.model_file import BEST, FINAL, save_model
 from dtrain.models import build_initial_model, model_sizes
@@ -55,6 +57,10 @@ def train(config: Config, run_dir: Path) -> RunResult:
         if is_population(config):
             return train_population(config, run_dir, env)
         return train_single(config, run_dir, env)
+    except UserError as exc:
+        if env.distributed and not isinstance(exc, RankLocalError):
+            say_once(exc, env)
+        raise
     except Exception as exc:
         if env.distributed and dist.collective_failure(exc):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -65,6 +71,17 @@ def train(config: Config, run_dir: Path) -> RunResult:
         raise
     finally:
         dist.teardown(env)
+
+
+def say_once(exc: UserError, env: dist.DistEnv) -> None:
+    """A mistake every rank found alike: rank 0 says it now and the others wait for that before they exit, since
+    torchrun stops every worker at the first exit and could cut rank 0 off before it speaks. ``exc.said`` tells
+    the entry point it was said."""
+    if env.is_main:
+        print(f"dtrain: error: {exc}", file=sys.stderr, flush=True)
+    exc.said = True  # type: ignore[attr-defined]
+    with contextlib.suppress(Exception):  # a rank that died is reported by torchrun; nothing to add here
+        dist.barrier(env)
 
 
 def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
