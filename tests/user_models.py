@@ -83,4 +83,4 @@ def nan_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def detached_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Computed outside autograd: nothing to train by. Refused before training."""
-    return torch.tensor(float(((prediction - target) ** 2).mean()))
+    return torch.tensor(((prediction - target) ** 2).mean().item())
