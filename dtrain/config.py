@@ -257,13 +257,14 @@ class FileDataConfig:
     name: str = "file"
     path: str = "???"
     target: str = "y"  # the target column of a .csv
-    task: str = "regression"  # regression | classification
+    task: str | None = None  # regression | classification; None: regression, warning where y looks like classes
     val_fraction: float = 0.2
 
     def check(self) -> None:
         """The file itself is opened (and a missing one reported) when the dataset is built."""
         _fraction("data.val_fraction", self.val_fraction)
-        _one_of("data.task", self.task, ("regression", "classification"))
+        if self.task is not None:
+            _one_of("data.task", self.task, ("regression", "classification"))
 
 
 # ---------------------------------------------------------------------------------------------

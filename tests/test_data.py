@@ -337,7 +337,7 @@ def test_missing_file(tmp_path) -> None:
 
 
 def test_directory_is_not_a_file(tmp_path) -> None:
-    assert_one_line_user_error(file_cfg(tmp_path), "no such file")
+    assert_one_line_user_error(file_cfg(tmp_path), "is a directory, not a file")
 
 
 def test_unknown_suffix(tmp_path) -> None:
@@ -377,13 +377,13 @@ def test_mismatched_lengths(tmp_path) -> None:
 def test_non_numeric_csv_cell(tmp_path) -> None:
     path = tmp_path / "d.csv"
     path.write_text("x,y\n1,2\nthree,4\n")
-    assert_one_line_user_error(file_cfg(path), "d.csv:3", "three")
+    assert_one_line_user_error(file_cfg(path), "d.csv:3: column 'x': 'three' is not a number")
 
 
 def test_missing_npz_array(tmp_path) -> None:
     path = tmp_path / "d.npz"
     np.savez(path, x=np.zeros(3), target=np.zeros(3))
-    assert_one_line_user_error(file_cfg(path), "'y'")
+    assert_one_line_user_error(file_cfg(path), "no array 'y'; it has: x, target")
 
 
 def test_corrupt_npz(tmp_path) -> None:
@@ -442,3 +442,37 @@ def test_absurd_class_label_is_user_error(tmp_path) -> None:
     path = tmp_path / "d.npz"
     np.savez(path, x=np.zeros((4, 2)), y=np.array([0, 1, 0, 10**9]))
     assert_one_line_user_error(file_cfg(path, task="classification"), "class indices 0..K-1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Class labels: what a user's file holds, checked before anything trains
+
+
+@pytest.mark.parametrize(
+    ("labels", "fragment"),
+    [
+        (
+            [1, 2, 3, 1, 2, 3, 1, 2],
+            "labels 1..3 (3 classes); dtrain expects class indices 0..K-1, here 0..2: subtract 1",
+        ),
+        ([0, 2, 5, 0, 2, 5, 0, 2], "labels 0, 2, 5 (3 classes); dtrain expects class indices 0..K-1, here 0..2"),
+        ([i // 2 for i in range(24)], "the target has 12 distinct values in 24 rows: is it a regression target?"),
+    ],
+)
+def test_labels_that_are_not_class_indices(tmp_path, labels: list[int], fragment: str) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.arange(float(len(labels))), y=np.array(labels))
+    assert_one_line_user_error(file_cfg(path, task="classification"), fragment)
+
+
+def test_a_target_of_a_few_whole_numbers_without_a_task_warns(tmp_path, caplog) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.arange(30.0), y=np.arange(30) % 3)
+    with caplog.at_level("WARNING", logger="dtrain"):
+        data = build_dataset(file_cfg(path, task=None), seed=0)
+    assert data.task == "regression"
+    assert "set data.task=classification" in caplog.text and "0..2 (3 values)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dtrain"):
+        build_dataset(file_cfg(path, task="regression"), seed=0)  # said outright: no warning
+    assert caplog.text == ""

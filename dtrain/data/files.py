@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import zipfile
 from pathlib import Path
 
@@ -12,13 +13,19 @@ import torch
 from dtrain import config as C
 from dtrain.data.dataset import DataSet, split_train_val
 from dtrain.errors import UserError
+from dtrain.launch_env import rank
+
+log = logging.getLogger("dtrain")
+# A target of at most this many distinct integers, in a run that did not say data.task, looks like classes.
+FEW_VALUES = 20
+# More classes than this with fewer rows than this per class on average: a regression target given as classes
+# (the diabetes target as classification: 214 "classes" in 442 rows).
+MANY_CLASSES, FEW_ROWS_PER_CLASS = 10, 5
 
 
 def load(cfg: C.FileDataConfig, gen: torch.Generator) -> DataSet:
     """Read ``cfg.path``, check it, and split it into train/val."""
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise UserError(f"data.path={cfg.path!r}: no such file (expected a .npz or .csv file)")
+    path = _existing_file(cfg)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         x, y = _read_npz(path)
@@ -37,26 +44,71 @@ def load(cfg: C.FileDataConfig, gen: torch.Generator) -> DataSet:
         raise UserError(f"data.path={cfg.path!r}: contains NaN or infinite values")
 
     xt = torch.as_tensor(x, dtype=torch.float64)
-    if cfg.task == "classification":
+    task = cfg.task or "regression"
+    if task == "classification":
         if y.ndim > 1 and y.shape[1:] != (1,) * (y.ndim - 1):
             raise UserError(f"data.path={cfg.path!r}: classification needs one label per row, y has shape {y.shape}")
         labels = y.reshape(-1)
-        if not np.all(labels == np.round(labels)) or labels.min() < 0:
-            raise UserError(f"data.path={cfg.path!r}: classification targets must be class indices 0..K-1")
+        _check_labels(cfg.path, labels)
         yt = torch.as_tensor(labels, dtype=torch.long)
         num_classes = int(yt.max()) + 1
-        if num_classes > len(yt):
-            raise UserError(
-                f"data.path={cfg.path!r}: class label {num_classes - 1} in {len(yt)} rows; "
-                "labels must be class indices 0..K-1"
-            )
     else:
         yt = torch.as_tensor(y.reshape(y.shape[0], -1), dtype=torch.float64)
         if yt.shape[1] != 1:
             raise UserError(f"data.path={cfg.path!r}: regression needs one target column, got {yt.shape[1]}")
         num_classes = 0
+        if cfg.task is None and rank() == 0:
+            _warn_if_classes(cfg.path, y.reshape(-1))
     train, val = split_train_val(xt, yt, cfg.val_fraction, gen)
-    return DataSet(train, {"": val}, task=cfg.task, num_classes=num_classes)
+    return DataSet(train, {"": val}, task=task, num_classes=num_classes)
+
+
+def _existing_file(cfg: C.FileDataConfig) -> Path:
+    """``data.path`` as a path to a file, or a one-line error saying what it is instead."""
+    path = Path(cfg.path).expanduser()
+    if path.is_dir():
+        raise UserError(f"data.path={cfg.path!r} is a directory, not a file: give a .npz or .csv file in it")
+    if not path.is_file():
+        raise UserError(f"data.path={cfg.path!r}: no such file (expected a .npz or .csv file)")
+    return path
+
+
+def _check_labels(where: str, labels: np.ndarray) -> None:
+    """Class labels must be the indices 0..K-1, each used, with fewer classes than makes sense for the rows."""
+    if not np.all(labels == np.round(labels)):
+        raise UserError(
+            f"data.path={where!r}: classification targets must be class indices 0..K-1, and some are not whole "
+            "numbers (a regression target? then data.task=regression)"
+        )
+    found = np.unique(labels).astype(np.int64)
+    k = len(found)
+    rows = len(labels)
+    if k > MANY_CLASSES and rows / k < FEW_ROWS_PER_CLASS:
+        raise UserError(
+            f"data.path={where!r}: data.task=classification but the target has {k} distinct values in {rows} rows: "
+            "is it a regression target? (data.task=regression)"
+        )
+    if found[0] != 0 or found[-1] != k - 1:
+        shown = f"{found[0]}..{found[-1]}" if found[-1] - found[0] == k - 1 else ", ".join(map(str, found[:6]))
+        fix = f"subtract {found[0]} from every label" if found[-1] - found[0] == k - 1 else "renumber them"
+        raise UserError(
+            f"data.path={where!r}: labels {shown} ({k} classes); dtrain expects class indices 0..K-1, here "
+            f"0..{k - 1}: {fix}"
+        )
+
+
+def _warn_if_classes(where: str, target: np.ndarray) -> None:
+    """A target of a few whole numbers, in a run that did not say ``data.task``, is probably class labels."""
+    values = np.unique(target)
+    if 2 <= len(values) <= FEW_VALUES and np.all(values == np.round(values)) and len(values) < len(target) / 2:
+        shown = f"{values[0]:g}..{values[-1]:g}"
+        log.warning(
+            "data.path=%s: the target holds only the whole numbers %s (%d values) and data.task is not set, so it "
+            "trains as regression; if they are classes, set data.task=classification",
+            where,
+            shown,
+            len(values),
+        )
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +116,10 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path) as arrays:
             missing = [k for k in ("x", "y") if k not in arrays]
             if missing:
-                raise UserError(f"{path}: missing array(s) {missing}; a .npz needs arrays 'x' and 'y'")
+                has = ", ".join(arrays.files) or "none"
+                raise UserError(
+                    f"{path}: no array {' or '.join(map(repr, missing))}; it has: {has}; a .npz needs x and y"
+                )
             return arrays["x"].astype(np.float64), arrays["y"].astype(np.float64)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable .npz file ({exc})") from None
@@ -73,9 +128,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def read_features(cfg: C.FileDataConfig) -> np.ndarray:
     """The input rows of ``cfg.path``, for prediction: a ``.npz``'s ``x`` (``y`` may be absent), or every column of a
     ``.csv`` but ``data.target`` (which may be absent)."""
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise UserError(f"data.path={cfg.path!r}: no such file (expected a .npz or .csv file)")
+    path = _existing_file(cfg)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         try:
@@ -119,8 +172,9 @@ def _read_csv_table(path: Path) -> tuple[list[str], np.ndarray]:
     for i, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise UserError(f"{path}:{i}: {len(row)} fields, but the header has {len(header)}")
-        try:
-            values[i - 2] = [float(v) for v in row]
-        except ValueError:
-            raise UserError(f"{path}:{i}: a non-numeric value in {row}") from None
+        for j, cell in enumerate(row):
+            try:
+                values[i - 2, j] = float(cell)
+            except ValueError:
+                raise UserError(f"{path}:{i}: column {header[j]!r}: {cell.strip()!r} is not a number") from None
     return header, values
