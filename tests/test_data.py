@@ -476,3 +476,20 @@ def test_a_target_of_a_few_whole_numbers_without_a_task_warns(tmp_path, caplog) 
     with caplog.at_level("WARNING", logger="dtrain"):
         build_dataset(file_cfg(path, task="regression"), seed=0)  # said outright: no warning
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
+def test_csv_delimiters_are_recognised(tmp_path, delimiter: str) -> None:
+    path = tmp_path / "d.csv"
+    rows = [(i, 0.5 * i, 2 * i) for i in range(6)]
+    body = "\n".join(delimiter.join(map(str, row)) for row in rows)
+    path.write_bytes(("\ufeff" + delimiter.join(["a", "y", "b"]) + "\n" + body + "\n").encode())  # with a BOM
+    data = build_dataset(file_cfg(path, val_fraction=0.5), seed=0)
+    gx, gy = gather(data)
+    assert gx.tolist() == [[a, b] for a, _, b in rows] and gy.reshape(-1).tolist() == [t for _, t, _ in rows]
+
+
+def test_a_pandas_index_column_is_refused(tmp_path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text(",a,y\n0,1.0,2.0\n1,3.0,4.0\n2,5.0,6.0\n")
+    assert_one_line_user_error(file_cfg(path), "the first column has no name", "to_csv(index=False)")
