@@ -18,6 +18,7 @@ from dtrain import dist
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, as_yaml, to_plain
 from dtrain.data import ShardedBatches, build_dataset
+from dtrain.data.summary import data_summary, source_of
 from dtrain.errors import PeerFailure, RankLocalError, UserError
 from dtrain.faults import Faults
 from dtrain.model_file import BEST, FINAL, save_model
@@ -110,8 +111,10 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
 
     # Every check of the user's input has passed: only now is the run directory touched.
     open_run_dir(run_dir, config, env, fresh=resumed is None)
+    summary_line = data_summary(data, source_of(config.data), env.world_size, batches.global_batch)
     if env.is_main:
         log.info("run directory: %s (world size %d, %s)", run_dir, env.world_size, env.device)
+        log.info("%s", summary_line)
     else:
         log_to_rank_file(run_dir, env.rank)
         log.info("rank %d of %d on %s, run directory %s", env.rank, env.world_size, env.device, run_dir)
@@ -123,6 +126,7 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     try:
         if resumed is None:
             logger.text("config", "```\n" + as_yaml(config) + "\n```")
+            logger.text("data", summary_line)
         with Preemption(env) as preemption:
             faults = Faults(config.fault, env.rank)
 

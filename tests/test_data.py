@@ -493,3 +493,18 @@ def test_a_pandas_index_column_is_refused(tmp_path) -> None:
     path = tmp_path / "d.csv"
     path.write_text(",a,y\n0,1.0,2.0\n1,3.0,4.0\n2,5.0,6.0\n")
     assert_one_line_user_error(file_cfg(path), "the first column has no name", "to_csv(index=False)")
+
+
+def test_the_summary_says_what_was_loaded() -> None:
+    from dtrain.data.summary import data_summary as describe
+
+    x = torch.arange(20.0).reshape(10, 2)
+    y = torch.tensor([0, 1, 1, 2, 2, 2, 0, 1, 2, 2])
+    data = DataSet(Split(x[:8], y[:8]), {"": Split(x[8:], y[8:])}, task="classification", num_classes=3)
+    line = describe(data, "/d/f.csv", world_size=2, global_batch=4)
+    assert line == (
+        "data: /d/f.csv: 8 train / 2 val rows (each rank: 2 of every 4-row batch, 1 val rows), 2 features, "
+        "classification, 3 classes (train rows a class: 2-3)"
+    )
+    regression = DataSet(Split(x, torch.linspace(-1, 3, 10)[:, None]), {}, task="regression")
+    assert describe(regression, "sine (generated)", 1, 10).endswith("regression, target in [-1, 3], mean 1")

@@ -211,6 +211,8 @@ def test_a_metric_object_by_target_and_the_objective_naming_it(tmp_path: Path) -
 
 def test_load_and_predict_a_built_in_model(tmp_path: Path) -> None:
     run = assert_ok(run_dtrain(tmp_path / "run", "trainer.max_epochs=5", "trainer.precision=float64"))
+    # What was loaded, said at start-up (issue 14's summary).
+    assert "data: poly2d (generated): 720 train / 180 val rows, 2 features, regression, target in [" in run.stdout
     model = dtrain.load(run.run_dir)
     assert type(model).__name__ == "Polynomial" and not model.training
     x = torch.tensor([[0.5, -1.0], [1.0, 1.0]], dtype=torch.float64)

@@ -24,6 +24,7 @@ from dtrain.atomic import write_atomic
 from dtrain.config import Config, ConfigError
 from dtrain.data import ShardedBatches, build_dataset, shard_bounds
 from dtrain.data.dataset import DataSet
+from dtrain.data.summary import data_summary, source_of
 from dtrain.graph import builders
 from dtrain.models import build_initial_model, gradient_source, model_sizes
 from dtrain.population import leaderboard
@@ -197,6 +198,7 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> RunRes
         log.info(
             "run directory: %s (population of %d on %d rank(s), %s)", run_dir, len(members), env.world_size, env.device
         )
+        log.info("%s", data_summary(data, source_of(config.data), 1, batches.global_batch))  # every rank has all rows
     logger = PopulationLogger(run_dir, members, env.is_main, config.trainer.progress)
 
     def report(step: int, values: dict[str, list[float]]) -> None:
