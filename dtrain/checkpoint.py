@@ -32,7 +32,7 @@ import torch
 from dtrain import __version__
 from dtrain.atomic import remove_stale_temporaries, write_atomic
 from dtrain.config import CHANGEABLE_ON_RESUME, Config, to_plain
-from dtrain.errors import UserError
+from dtrain.errors import UserError, first_line
 
 FORMAT = 1  # bumped when the state's layout changes
 DIR_NAME = "checkpoints"
@@ -186,7 +186,7 @@ def load(found: Found) -> dict[str, Any]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, pickle errors, EOFError... for a damaged file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"checkpoint {path} is unreadable, truncated or not a checkpoint: {first}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__

@@ -18,3 +18,10 @@ class ConfigError(UserError):
 
 class PeerFailure(RankLocalError):
     """A collective failed on this rank: it timed out or lost a peer (another rank died or hangs)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name where it has none): for one-line errors that
+    quote a library's own words."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -19,7 +19,7 @@ from torch import nn
 
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, loss_section, model_section, section_plain
-from dtrain.errors import UserError
+from dtrain.errors import UserError, first_line
 from dtrain.models.sizes import ModelSizes
 
 FORMAT = "dtrain.model/1"
@@ -92,7 +92,7 @@ def read_model(source: str | Path, best: bool = False, device: str | torch.devic
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which, in one line
-        raise UserError(f"{path} is not a model file dtrain can read: {str(exc).strip().splitlines()[0]}") from None
+        raise UserError(f"{path} is not a model file dtrain can read: {first_line(exc)}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise UserError(f"{path} is not a dtrain model file (format {FORMAT}); was it written by an older dtrain?")
     sizes = ModelSizes(**record["sizes"])

@@ -19,7 +19,7 @@ from dtrain.atomic import write_atomic
 from dtrain.config import Config, as_yaml, to_plain
 from dtrain.data import ShardedBatches, build_dataset
 from dtrain.data.summary import data_summary, source_of
-from dtrain.errors import PeerFailure, RankLocalError, UserError
+from dtrain.errors import PeerFailure, RankLocalError, UserError, first_line
 from dtrain.faults import Faults
 from dtrain.model_file import BEST, FINAL, save_model
 from dtrain.models import build_initial_model, model_sizes
@@ -64,7 +64,7 @@ def train(config: Config, run_dir: Path) -> RunResult:
         raise
     except Exception as exc:
         if env.distributed and dist.collective_failure(exc):
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise PeerFailure(
                 f"rank {env.rank}: {dist.current_op()} failed ({first}): another rank died or stopped answering "
                 f"(see its messages); if it is only slow, raise dist.timeout_s={config.dist.timeout_s:g}"

@@ -7,7 +7,7 @@ import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dtrain.errors import UserError
+from dtrain.errors import UserError, first_line
 from dtrain.report.runs import RunData
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def load_model(run: RunData) -> RunModel:
         data = build_dataset(config.data, config.seed).to(torch.device("cpu"), trained.dtype)
         model = trained.module
     except (UserError, OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         return RunModel(note=f"the model could not be rebuilt from config.yaml and model.pt: {first}")
     except OmegaConfBaseException as exc:
         return RunModel(note=f"config.yaml could not be loaded: {str(exc).splitlines()[0]}")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dtrain.data.dataset import Split
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, first_line
 from dtrain.models.sizes import ModelSizes
 from dtrain.train.objective import Loss
 
@@ -80,7 +80,7 @@ class ValMetrics:
                     trial.update(*self._inputs(output, target))
                     value = trial.compute()
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise ConfigError(f"metrics entry {name!r} fails on this data: {type(exc).__name__}: {first}") from None
             if not isinstance(value, torch.Tensor) or value.numel() != 1:
                 shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__

@@ -14,7 +14,7 @@ from torch import nn
 
 from dtrain.config import Config, LossConfig, UserLossConfig
 from dtrain.data.dataset import DataSet
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, first_line
 from dtrain.models import gradient_source
 from dtrain.models.sizes import ModelSizes
 
@@ -193,7 +193,7 @@ def _first_call(call: Callable[[], object], what: str) -> object:
     try:
         return call()
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ConfigError(f"{what}: {type(exc).__name__}: {first}") from None
 
 
