@@ -15,7 +15,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -105,24 +105,40 @@ class GraphModelConfig:
         _one_of("model.activation", self.activation, ("relu", "tanh", "sigmoid"))
 
 
+_DOTTED = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+")
+
+
+def _dotted(key: str, value: Any, example: str = "mypkg.module.Name") -> None:
+    _require(
+        isinstance(value, str) and _DOTTED.fullmatch(value) is not None,
+        f"{key}={value!r} must be a dotted import path such as {example}",
+    )
+
+
 @dataclass
-class UserModelConfig:
-    """A user's own ``torch.nn.Module``: ``_target_`` (an importable class or factory) and the constructor's
-    arguments beside it, Hydra's ``instantiate`` vocabulary (docs/your-model.md). Written back as that mapping."""
+class UserTargetConfig:
+    """A user's own object: ``_target_`` (an importable class or function) and the arguments beside it, Hydra's
+    ``instantiate`` vocabulary (docs/your-model.md). Written back as that mapping (:func:`section_plain`)."""
 
     target: str
     args: dict[str, Any] = field(default_factory=dict)
     name: str = "custom"
 
+    section: ClassVar[str]
+    example: ClassVar[str]
+
     def check(self) -> None:
-        """The target's form only: importing it, and calling it with the arguments, happen when the model is built."""
-        _require(
-            isinstance(self.target, str) and _DOTTED.fullmatch(self.target) is not None,
-            f"model._target_={self.target!r} must be a dotted import path such as mypkg.models.MyNet",
-        )
+        """The target's form only: importing it, and calling it with the arguments, happen when it is built."""
+        _dotted(f"{self.section}._target_", self.target, self.example)
 
 
-_DOTTED = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+")
+@dataclass
+class UserModelConfig(UserTargetConfig):
+    """A user's own ``torch.nn.Module`` class, or a function that returns one."""
+
+    section: ClassVar[str] = "model"
+    example: ClassVar[str] = "mypkg.models.MyNet"
+
 
 # ---------------------------------------------------------------------------------------------
 # loss/ and metrics
@@ -145,19 +161,12 @@ class LossConfig:
 
 
 @dataclass
-class UserLossConfig:
-    """A user's own loss: ``_target_`` names a callable ``(prediction, target) -> scalar tensor``, or a class (an
-    ``nn.Module`` loss such as ``torch.nn.SmoothL1Loss``) built with the arguments beside it and then called."""
+class UserLossConfig(UserTargetConfig):
+    """A user's own loss: a callable ``(prediction, target) -> scalar tensor``, or a class (an ``nn.Module`` loss
+    such as ``torch.nn.SmoothL1Loss``) built with the arguments and then called."""
 
-    target: str
-    args: dict[str, Any] = field(default_factory=dict)
-    name: str = "custom"
-
-    def check(self) -> None:
-        _require(
-            isinstance(self.target, str) and _DOTTED.fullmatch(self.target) is not None,
-            f"loss._target_={self.target!r} must be a dotted import path such as torch.nn.SmoothL1Loss",
-        )
+    section: ClassVar[str] = "loss"
+    example: ClassVar[str] = "torch.nn.SmoothL1Loss"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,9 +618,9 @@ def load(cfg: DictConfig) -> Config:
     sections: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "model":
-            sections[key] = _with_target(key, value, UserModelConfig) or _build(key, value, _pick(key, value, MODELS))
+            sections[key] = _model(value)
         elif key == "loss":
-            sections[key] = _with_target(key, value, UserLossConfig) or _build(key, value, LossConfig)
+            sections[key] = _loss(value)
         elif key == "metrics":
             sections[key] = _metric_specs(value)
         elif key == "data":
@@ -651,14 +660,24 @@ def load(cfg: DictConfig) -> Config:
     return config
 
 
-def _with_target(section: str, value: Any, schema: type) -> Any:
+def _with_target(value: Any, schema: type[UserTargetConfig]) -> UserTargetConfig | None:
     """``schema(target, args)`` for a mapping with ``_target_`` (a user's own class); None for a built-in option."""
     if not isinstance(value, dict) or "_target_" not in value:
         return None
-    args = {k: v for k, v in value.items() if k != "_target_"}
+    section = schema.section
     if value["_target_"] == "???":
         raise ConfigError(f"{section}._target_ is required: set it with {section}._target_=mypkg.module.Name")
-    return schema(target=value["_target_"], args=args)
+    return schema(target=value["_target_"], args={k: v for k, v in value.items() if k != "_target_"})
+
+
+def _model(value: Any) -> Any:
+    """The ``model`` section: a user's ``_target_``, or the built-in option its ``name`` picks."""
+    return _with_target(value, UserModelConfig) or _build("model", value, _pick("model", value, MODELS))
+
+
+def _loss(value: Any) -> Any:
+    """The ``loss`` section: a user's ``_target_``, or a built-in loss."""
+    return _with_target(value, UserLossConfig) or _build("loss", value, LossConfig)
 
 
 METRIC_NAMES = ("accuracy", "f1", "precision", "recall", "auroc", "mae", "mse", "rmse", "r2")
@@ -675,10 +694,7 @@ def _metric_specs(value: Any) -> list[Any] | None:
     for spec in value:
         if isinstance(spec, dict):
             _require("_target_" in spec, f"metrics entry {spec!r} needs a _target_ (a torchmetrics.Metric class)")
-            _require(
-                isinstance(spec["_target_"], str) and _DOTTED.fullmatch(spec["_target_"]) is not None,
-                f"metrics entry _target_={spec['_target_']!r} must be a dotted import path",
-            )
+            _dotted("metrics entry _target_", spec["_target_"], "torchmetrics.classification.MulticlassCohenKappa")
         else:
             _require(
                 spec in METRIC_NAMES,
@@ -793,7 +809,7 @@ def _check_objective_watchers(config: Config) -> None:
 
 def section_plain(section: Any) -> Any:
     """One section as plain data: a user's model or loss as its ``_target_`` mapping, the rest as dicts."""
-    if isinstance(section, UserModelConfig | UserLossConfig):
+    if isinstance(section, UserTargetConfig):
         return {"_target_": section.target, **section.args}
     return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
 
@@ -805,7 +821,7 @@ def to_plain(config: Config) -> dict[str, Any]:
 
 def model_section(value: dict[str, Any]) -> Any:
     """A model section (as :func:`to_plain` writes it) back as its checked config: for ``dtrain.load``."""
-    model = _with_target("model", value, UserModelConfig) or _build("model", value, _pick("model", value, MODELS))
+    model = _model(value)
     model.check()
     return model
 
@@ -814,7 +830,7 @@ def loss_section(value: dict[str, Any] | None) -> Any:
     """A loss section back as its checked config (a run written before the loss group: ``auto``)."""
     if value is None:
         return LossConfig()
-    loss = _with_target("loss", value, UserLossConfig) or _build("loss", value, LossConfig)
+    loss = _loss(value)
     loss.check()
     return loss
 
