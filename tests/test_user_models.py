@@ -289,11 +289,11 @@ def test_an_empty_shard_sums_to_zero_for_every_loss() -> None:
 
     for name in ("mse", "l1", "huber"):
         loss = build_loss(LossConfig(name=name), "regression")
-        assert float(metric_sums(loss, "regression", torch.zeros(0, 1), torch.zeros(0, 1))["loss"]) == 0.0
+        assert float(metric_sums(loss, torch.zeros(0, 1), torch.zeros(0, 1), accuracy=False)["loss"]) == 0.0
     user = build_loss(UserLossConfig(target="tests.user_models.scaled_mse"), "regression")
     assert float(user.total(torch.zeros(0, 1), torch.zeros(0, 1))) == 0.0  # not 0 x nan
     ce = build_loss(LossConfig(), "classification")
-    sums = metric_sums(ce, "classification", torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    sums = metric_sums(ce, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), accuracy=True)
     assert float(sums["loss"]) == 0.0 and float(sums["accuracy"]) == 0.0
 
 

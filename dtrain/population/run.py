@@ -178,7 +178,7 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> RunRes
             f"metrics={config.metrics}: a population logs val/loss (and val/accuracy for classification) per "
             "member; train single runs (a sweep) for other metrics"
         )
-    check_objective(config, data)
+    check_objective(config, data, counted)
     model = build_stacked(local, data, env.device, dtype)
     # Every rank trains on all the data: the population, not the data, is what is split.
     batches = ShardedBatches(data.train, config.trainer.batch_size, 0, 1, config.seed, config.trainer.grad_accum_steps)

@@ -89,7 +89,7 @@ def evaluate_members(model: StackedModel, data: DataSet, chunk_rows: int) -> dic
                 x, y = split.x[lo : lo + chunk_rows], split.y[lo : lo + chunk_rows]
                 outputs = model.predict(x)  # [M, rows, outputs]
                 for member, output in enumerate(outputs):
-                    for name, value in metric_sums(model.loss, data.task, output, y).items():
+                    for name, value in metric_sums(model.loss, output, y, data.task == "classification").items():
                         sums.setdefault(name, torch.zeros(len(outputs), dtype=torch.float64, device=x.device))
                         sums[name][member] += value.to(torch.float64)
             for name, total in sums.items():

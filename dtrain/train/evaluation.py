@@ -44,7 +44,6 @@ def evaluate(
     parts: list[torch.Tensor] = []
     layout: list[tuple[str, list[str]]] = []
     library: dict[str, float] = {}
-    keep = {"loss", "accuracy"} if metrics.counts_accuracy else {"loss"}
     with torch.no_grad():
         for suffix, split in val.items():
             start, stop = shard_bounds(len(split), env.rank, env.world_size)
@@ -53,9 +52,8 @@ def evaluate(
             for lo in range(start, max(stop, start + 1), chunk):  # an empty slice still yields zero sums
                 hi = min(lo + chunk, stop)
                 output, target = predict(split.x[lo:hi]), split.y[lo:hi]
-                for name, value in metric_sums(loss, metrics.sizes.task, output, target).items():
-                    if name in keep:
-                        sums[name] = sums.get(name, 0) + value.to(torch.float64)
+                for name, value in metric_sums(loss, output, target, metrics.counts_accuracy).items():
+                    sums[name] = sums.get(name, 0) + value.to(torch.float64)
                 if hi > lo:
                     metrics.update(output, target)
             library.update({val_tag(name, suffix): value for name, value in metrics.compute().items()})

@@ -211,30 +211,25 @@ def _what_targets_need(loss: Loss, sizes: ModelSizes) -> str:
     return f"classification: one logit per class, {sizes.num_outputs} classes"
 
 
-def metric_names(task: str) -> list[str]:
-    """The names :func:`metric_sums` gives for ``task``."""
-    return ["loss", "accuracy"] if task == "classification" else ["loss"]
-
-
 def val_tag(name: str, suffix: str) -> str:
     """A validation metric's tag: ``val/loss`` for the ordinary split, ``val/loss_outer`` for a named one."""
     return f"val/{name}_{suffix}" if suffix else f"val/{name}"
 
 
-def metric_sums(loss: Loss, task: str, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-batch *sums* (so shards of any size add up exactly): the loss and, for classes, the correct rows.
-    A population's evaluation; single runs add the torchmetrics of :mod:`dtrain.train.metrics`."""
+def metric_sums(loss: Loss, output: torch.Tensor, target: torch.Tensor, accuracy: bool) -> dict[str, torch.Tensor]:
+    """Per-batch *sums* (so shards of any size add up exactly): the loss and, with ``accuracy``, the correct rows
+    (classification). Single runs add the torchmetrics of :mod:`dtrain.train.metrics`."""
     sums = {"loss": loss.total(output, target)}
-    if task == "classification":
+    if accuracy:
         predicted = (output.reshape(-1) > 0).long() if loss.binary else output.argmax(dim=1)
         sums["accuracy"] = (predicted == target).sum().to(sums["loss"].dtype)
     return sums
 
 
-def check_objective(config: Config, data: DataSet, metric_tags: list[str] | None = None) -> None:
+def check_objective(config: Config, data: DataSet, metric_tags: list[str]) -> None:
     """Refuse, before any training, an ``objective.metric`` this run will not produce (a typo would otherwise
-    score every trial and member as the worst, silently). ``metric_tags``: the run's validation metrics
-    beside the loss (single runs); a population's are ``val/accuracy`` for classification."""
+    score every trial and member as the worst, silently). ``metric_tags``: the run's validation metrics beside
+    the loss."""
     metric = config.objective.metric
     watched = config.checkpoint.save_best or config.trainer.early_stopping.patience > 0
     if watched and not data.val:
@@ -244,8 +239,7 @@ def check_objective(config: Config, data: DataSet, metric_tags: list[str] | None
         )
     if metric == "auto":
         return
-    names = metric_names(data.task) if metric_tags is None else ["loss", *metric_tags]
     produced = ["train/loss", "lr", "grad_norm/total"]
-    produced += [val_tag(name, suffix) for suffix in data.val for name in names]
+    produced += [val_tag(name, suffix) for suffix in data.val for name in ["loss", *metric_tags]]
     if metric not in produced:
         raise ConfigError(f"objective.metric={metric!r} is not a metric of this run; it has: {', '.join(produced)}")
