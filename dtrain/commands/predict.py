@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,6 @@ from dtrain.data import build_dataset, shard_bounds
 from dtrain.errors import ConfigError, UserError
 from dtrain.model_file import TrainedModel, read_model
 
-log = logging.getLogger("dtrain")
 FORMATS = (".csv", ".npz")
 
 
@@ -94,13 +92,11 @@ def file_bytes(columns: dict[str, np.ndarray], suffix: str) -> bytes:
         else:
             names += [f"{'prob' if name == 'probabilities' else name}_{k}" for k in range(block.shape[1])]
         blocks.append(block)
-    table = np.concatenate(blocks, axis=1) if blocks else np.empty((0, 0))
+    table = np.concatenate(blocks, axis=1)
+    # %.17g round-trips every float64; the class is an integer.
+    formats = ["%d" if name == "class" else "%.17g" for name in names]
     text = io.StringIO()
-    integer = "class" in columns
-    text.write(",".join(names) + "\n")
-    for row in table:
-        cells = [str(int(row[0])) if integer else repr(float(row[0]))] + [repr(float(v)) for v in row[1:]]
-        text.write(",".join(cells) + "\n")
+    np.savetxt(text, table, delimiter=",", header=",".join(names), comments="", fmt=formats)
     return text.getvalue().encode()
 
 

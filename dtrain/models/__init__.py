@@ -57,10 +57,11 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 
 def model_sizes(config: C.Config, data: DataSet) -> ModelSizes:
     """What ``config``'s model is sized by on ``data``: one output per class, except one logit for binary BCE."""
-    binary = isinstance(config.loss, C.LossConfig) and config.loss.name == "bce_with_logits"
-    outputs = 1 if binary else data.num_outputs
     if data.task == "regression":
         outputs = data.train.y.shape[1] if data.train.y.ndim > 1 else 1
+    else:
+        binary = isinstance(config.loss, C.LossConfig) and config.loss.name == "bce_with_logits"
+        outputs = 1 if binary else data.num_classes
     return ModelSizes(data.num_inputs, outputs, data.task, data.num_classes)
 
 
