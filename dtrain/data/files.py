@@ -25,15 +25,7 @@ MANY_CLASSES, FEW_ROWS_PER_CLASS = 10, 5
 
 def load(cfg: C.FileDataConfig, gen: torch.Generator) -> DataSet:
     """Read ``cfg.path``, check it, and split it into train/val."""
-    path = _existing_file(cfg)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        x, y = _read_npz(path)
-    elif suffix == ".csv":
-        x, y = _read_csv(path, cfg.target)
-    else:
-        raise UserError(f"data.path={cfg.path!r}: unsupported suffix {suffix!r}; use .npz or .csv")
-
+    x, y = _read(cfg, with_target=True)
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
@@ -111,50 +103,49 @@ def _warn_if_classes(where: str, target: np.ndarray) -> None:
         )
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path) as arrays:
-            missing = [k for k in ("x", "y") if k not in arrays]
-            if missing:
-                has = ", ".join(arrays.files) or "none"
-                raise UserError(
-                    f"{path}: no array {' or '.join(map(repr, missing))}; it has: {has}; a .npz needs x and y"
-                )
-            return arrays["x"].astype(np.float64), arrays["y"].astype(np.float64)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{path}: not a readable .npz file ({exc})") from None
-
-
 def read_features(cfg: C.FileDataConfig) -> np.ndarray:
     """The input rows of ``cfg.path``, for prediction: a ``.npz``'s ``x`` (``y`` may be absent), or every column of a
     ``.csv`` but ``data.target`` (which may be absent)."""
-    path = _existing_file(cfg)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        try:
-            with np.load(path) as arrays:
-                if "x" not in arrays:
-                    raise UserError(f"{path}: no array 'x'; it has: {', '.join(arrays.files)}")
-                x = arrays["x"].astype(np.float64)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise UserError(f"{path}: not a readable .npz file ({exc})") from None
-    elif suffix == ".csv":
-        header, values = _read_csv_table(path)
-        x = np.delete(values, header.index(cfg.target), axis=1) if cfg.target in header else values
-    else:
-        raise UserError(f"data.path={cfg.path!r}: unsupported suffix {suffix!r}; use .npz or .csv")
+    x, _ = _read(cfg, with_target=False)
     x = x[:, None] if x.ndim == 1 else x
     if not np.isfinite(x).all():
         raise UserError(f"data.path={cfg.path!r}: contains NaN or infinite values")
     return x
 
 
-def _read_csv(path: Path, target: str) -> tuple[np.ndarray, np.ndarray]:
+def _read(cfg: C.FileDataConfig, with_target: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inputs and the target of ``cfg.path`` as float64 arrays. Without ``with_target`` (prediction) the target
+    may be absent: a CSV's target column is left out of the inputs where it is there."""
+    path = _existing_file(cfg)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return _read_npz(path, with_target)
+    if suffix != ".csv":
+        raise UserError(f"data.path={cfg.path!r}: unsupported suffix {suffix!r}; use .npz or .csv")
     header, values = _read_csv_table(path)
-    if target not in header:
-        raise UserError(f"{path}: no column {target!r} (data.target); columns: {', '.join(header)}")
-    col = header.index(target)
-    return np.delete(values, col, axis=1), values[:, col]
+    if cfg.target in header:
+        column = header.index(cfg.target)
+        return np.delete(values, column, axis=1), values[:, column]
+    if with_target:
+        raise UserError(f"{path}: no column {cfg.target!r} (data.target); columns: {', '.join(header)}")
+    return values, None
+
+
+def _read_npz(path: Path, with_target: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    needed = ("x", "y") if with_target else ("x",)
+    try:
+        with np.load(path) as arrays:
+            missing = [k for k in needed if k not in arrays]
+            if missing:
+                has = ", ".join(arrays.files) or "none"
+                raise UserError(
+                    f"{path}: no array {' or '.join(map(repr, missing))}; it has: {has}; "
+                    f"a .npz needs {' and '.join(needed)}"
+                )
+            y = arrays["y"].astype(np.float64) if with_target else None
+            return arrays["x"].astype(np.float64), y
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path}: not a readable .npz file ({exc})") from None
 
 
 DELIMITERS = (",", ";", "\t", "|")

@@ -82,9 +82,7 @@ class ValMetrics:
             except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                 first = first_line(exc)
                 raise ConfigError(f"metrics entry {name!r} fails on this data: {type(exc).__name__}: {first}") from None
-            if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ConfigError(f"metrics entry {name!r} computes {shape}, not one number")
+            _one_number(name, value)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> ValMetrics:
         for metric in self.library.values():
@@ -106,14 +104,7 @@ class ValMetrics:
 
     def compute(self) -> dict[str, float]:
         """Each library metric over every rank's updates: torchmetrics all-gathers the states (a collective)."""
-        values = {}
-        for name, metric in self.library.items():
-            value = metric.compute()
-            if not isinstance(value, torch.Tensor) or value.numel() != 1:
-                shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ConfigError(f"metrics entry {name!r} computed {shape}, not one number")
-            values[name] = float(value)
-        return values
+        return {name: _one_number(name, metric.compute()) for name, metric in self.library.items()}
 
     def _inputs(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What torchmetrics expects: probabilities and class indices, or values flattened to one per target."""
@@ -123,6 +114,14 @@ class ValMetrics:
         if output.ndim > 1 and output.shape[1] == 1:
             return output.reshape(-1), target.reshape(-1)
         return output, target
+
+
+def _one_number(name: str, value: Any) -> float:
+    """A metric's value as a float, or a one-line error for one that computes several (a confusion matrix)."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ConfigError(f"metrics entry {name!r} computes {shape}, not one number")
+    return float(value)
 
 
 def _wrong_task(name: str, task: str) -> str:
@@ -140,12 +139,11 @@ def _build(spec: Any, sizes: ModelSizes, loss: Loss) -> tuple[str, Any]:
         if spec not in (CLASSIFICATION if sizes.task == "classification" else REGRESSION):
             raise ConfigError(_wrong_task(spec, sizes.task))
         if spec in REGRESSION:
-            several = sizes.num_outputs > 1
             made = {
-                "mae": lambda: tr.MeanAbsoluteError(),
-                "mse": lambda: tr.MeanSquaredError(),
+                "mae": tr.MeanAbsoluteError,
+                "mse": tr.MeanSquaredError,
                 "rmse": lambda: tr.MeanSquaredError(squared=False),
-                "r2": lambda: tr.R2Score(num_outputs=sizes.num_outputs) if several else tr.R2Score(),
+                "r2": tr.R2Score,  # several outputs: their uniform average (R2Score's default multioutput)
             }
             return spec, made[spec]()
         if loss.binary:
