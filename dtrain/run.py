@@ -133,9 +133,10 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
             def save_best(model: torch.nn.Module, step: int, val: dict[str, float]) -> None:
                 save_model(run_dir / BEST, model, config, sizes, step, val)
 
-            keeps_best = config.checkpoint.save_best and env.is_main
-            parts = (faults, preemption, loss, metrics, save_best if keeps_best else None)
-            trainer = Trainer(model, data, batches, config, env, logger, checkpointer, *parts)
+            trainer = Trainer(
+                model, data, batches, config, env, logger, checkpointer, faults, preemption, loss, metrics,
+                save_best=save_best if config.checkpoint.save_best and env.is_main else None,
+            )  # fmt: skip
             result = trainer.fit()
         summary = results_summary(result, env.world_size, trainer.progress if trainer.watch.active else None)
         logger.hparams(flat_hparams(config), hparam_metrics(summary))
