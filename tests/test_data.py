@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 
 import numpy as np
@@ -468,14 +469,20 @@ def test_labels_that_are_not_class_indices(tmp_path, labels: list[int], fragment
 def test_a_target_of_a_few_whole_numbers_without_a_task_warns(tmp_path, caplog) -> None:
     path = tmp_path / "d.npz"
     np.savez(path, x=np.arange(30.0), y=np.arange(30) % 3)
-    with caplog.at_level("WARNING", logger="dtrain"):
-        data = build_dataset(file_cfg(path, task=None), seed=0)
-    assert data.task == "regression"
-    assert "set data.task=classification" in caplog.text and "0..2 (3 values)" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="dtrain"):
-        build_dataset(file_cfg(path, task="regression"), seed=0)  # said outright: no warning
-    assert caplog.text == ""
+    # dtrain's logger stops propagating once a run has set up logging in this process: listen to it directly.
+    logger = logging.getLogger("dtrain")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="dtrain"):
+            data = build_dataset(file_cfg(path, task=None), seed=0)
+        assert data.task == "regression"
+        assert "set data.task=classification" in caplog.text and "0..2 (3 values)" in caplog.text
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dtrain"):
+            build_dataset(file_cfg(path, task="regression"), seed=0)  # said outright: no warning
+        assert caplog.text == ""
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 @pytest.mark.parametrize("delimiter", [",", ";", "\t"])
