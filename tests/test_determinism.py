@@ -175,10 +175,9 @@ def test_same_seed_and_config_in_two_processes_is_bitwise_identical(runs: Runs) 
     assert any(not torch.equal(first.params()[name], control[name]) for name in control)
 
 
-# The MLP (DDP) and the engine (dtrain's own all-reduce) on 4 ranks, the largest change of reduction order; the
-# polynomial (DDP again) on 2. test_distributed.py adds gradient accumulation on 2 ranks, test_graph_training.py
-# the engine's polynomial.
-@pytest.mark.parametrize(("case", "nproc"), [("mlp", 4), ("graph", 4), ("polynomial", 2)])
+# The MLP (DDP) on 4 ranks, the largest change of reduction order; the engine's MLP (dtrain's own all-reduce) on
+# 2. test_distributed.py adds the polynomial under DDP with gradient accumulation on 2 ranks.
+@pytest.mark.parametrize(("case", "nproc"), [("mlp", 4), ("graph", 2)])
 def test_ranks_with_the_same_global_batch_agree_to_float64_rounding(runs: Runs, case: str, nproc: int) -> None:
     """N gloo ranks (DDP, or dtrain's bucketed all-reduce for the engine) == one process, to rtol 1e-10."""
     single, ranks = runs.get(*world_size_runs(case, nproc))

@@ -54,51 +54,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_nodes_with_c10d_rendezvous_equal_one_process(tmp_path, dtrain_run) -> None:
-    """Two torchrun 'nodes' on this machine (c10d rendezvous on loopback) train as one job."""
-    import subprocess
-    import sys
-
-    from tests.conftest import cli_env
-
-    common = ["trainer.batch_size=180", "trainer.max_epochs=4", "trainer.precision=float64", "optim.lr=0.05"]
-    common.append("trainer.figures=false")
-    port = _free_port()
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--node_rank={rank}",
-                "--nproc_per_node=1",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{port}",
-                "-m",
-                "dtrain",
-                "trainer.progress=lines",
-                *common,
-            ],
-            cwd=tmp_path,
-            env=cli_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=240) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if (p / "metrics.json").exists()]
-    assert len(run_dirs) == 1
-    multinode = torch.load(run_dirs[0] / "model.pt")["state_dict"]
-    single = dtrain_run(*common).params()
-    for name in single:
-        torch.testing.assert_close(multinode[name], single[name], rtol=1e-10, atol=1e-10)
-
-
 def test_a_sweep_inside_torchrun_is_refused(tmp_path) -> None:
     proc = launch("-m", "optim.lr=0.01,0.02", f"hydra.sweep.dir={tmp_path}", nproc=2, cwd=tmp_path)
     assert proc.stderr.count("dtrain: error: a sweep (-m) runs trials, not ranks") == 2  # once per trial
     assert not list(tmp_path.glob("*/metrics.json"))
+
+
+def test_nccl_without_a_gpu_is_refused_before_any_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks' environment, in this process: the refusal comes before the process group would wait for rank 1."""
+    from dtrain import dist
+    from dtrain.errors import UserError
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"^dist.backend=nccl needs CUDA GPUs; use dist.backend=gloo"):
+        dist.setup("cpu", "nccl", 5.0, 5.0)

@@ -104,14 +104,6 @@ def test_a_worker_killed_from_outside_is_restarted_and_resumes_bitwise(tmp_path:
     Run(0, out, err, tmp_path).assert_same_params(uninterrupted)
 
 
-def test_a_fault_injected_inside_is_restarted_and_resumes_bitwise(tmp_path: Path, uninterrupted: Run) -> None:
-    fault = ("fault.kind=kill", "fault.rank=1", "fault.step=47")
-    proc = run_torchrun(f"hydra.run.dir={tmp_path}", *RUN, *fault, restarts=1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "at step 40" in proc.stdout
-    Run(0, proc.stdout, proc.stderr, tmp_path).assert_same_params(uninterrupted)
-
-
 def test_a_worker_that_dies_after_the_final_checkpoint_does_not_train_again(tmp_path: Path, uninterrupted: Run) -> None:
     fault = ("fault.kind=kill", "fault.rank=0", "fault.step=420")  # after the last step and its checkpoint
     proc = run_torchrun(f"hydra.run.dir={tmp_path}", *RUN, *fault, restarts=1)
@@ -193,7 +185,7 @@ def test_a_nan_on_one_rank_stops_or_skips_on_both(tmp_path: Path, policy: str) -
 
 
 def test_two_standalone_jobs_on_one_host_do_not_collide(tmp_path: Path) -> None:
-    short = (*RUN, "trainer.max_epochs=3")
+    short = (*RUN, "trainer.max_epochs=1")
     jobs = [start(*short, cwd=tmp_path) for _ in range(2)]
     for job in jobs:
         _, err = job.communicate(timeout=180)
