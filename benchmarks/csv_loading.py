@@ -26,8 +26,8 @@ import numpy as np
 # name -> (imports, not timed; the read, timed). Peak memory is the process's, imports included: the
 # "imported" column gives what the imports alone hold, so that the read's own share can be told.
 READERS = {
-    "dtrain": ("from dtrain.data.files import _read_csv_table as read; import pandas", "header, x = read(PATH)"),
-    "python csv (before)": ("from dtrain.data.files import _read_csv_slowly as read", "header, x = read(PATH, ',')"),
+    "dtrain": ("from dtrain.data.files import _read_csv_table as read; import pandas", "x = read(PATH)"),
+    "python csv (before)": ("from dtrain.data.files import _read_csv_slowly as read", "x = read(PATH, ',')"),
     "numpy.loadtxt": ("import numpy as np", "x = np.loadtxt(PATH, delimiter=',', skiprows=1)"),
     "pandas.read_csv": ("import pandas as pd", "x = pd.read_csv(PATH).to_numpy()"),
     "pyarrow.csv": (

@@ -261,19 +261,62 @@ class MoonsConfig:
 
 @dataclass
 class FileDataConfig:
-    """A user's data: ``.npz`` with arrays ``x`` and ``y``, or ``.csv`` with a named target column."""
+    """A user's data from disk (docs/data.md): ``.csv``/``.csv.gz``/``.parquet`` with a named target column,
+    ``.npz`` with arrays ``x`` and the target, or memory-mapped ``x.npy`` and the target's ``.npy``."""
 
     name: str = "file"
     path: str = "???"
-    target: str = "y"  # the target column of a .csv
+    target: str = "y"  # the target column of a table; the target array of a .npz, or its file (y.npy) beside x.npy
+    features: list[str] | None = None  # a table's input columns; None: every column but the target and `drop`
+    drop: list[str] = field(default_factory=list)  # a table's columns that are not inputs (ids, dates)
     task: str | None = None  # regression | classification; None: regression, warning where y looks like classes
     val_fraction: float = 0.2
+    num_workers: int = 0  # DataLoader worker processes for memory-mapped .npy (tables are held in memory)
+    standardize: Any = True  # true: inputs and a regression's target | features: inputs only | false
 
     def check(self) -> None:
         """The file itself is opened (and a missing one reported) when the dataset is built."""
         _fraction("data.val_fraction", self.val_fraction)
         if self.task is not None:
             _one_of("data.task", self.task, ("regression", "classification"))
+        _require(
+            self.features is None or not self.drop,
+            f"data.features={self.features} and data.drop={self.drop}: give one of them (the inputs, or what to leave "
+            "out)",
+        )
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _standardize_choice(self.standardize)
+
+
+def _standardize_choice(value: Any) -> None:
+    _require(
+        value in (True, False, "features"),
+        f"data.standardize={value!r} must be true (inputs and a regression's target), features, or false",
+    )
+
+
+@dataclass
+class UserDataConfig(UserTargetConfig):
+    """A user's own data set: a function or class (``data._target_``) that returns tensors or ``Dataset``s
+    (docs/data.md). The keys below are dtrain's own; every other key beside ``_target_`` is an argument."""
+
+    val_fraction: float = 0.2  # held out for validation when the function returns no validation data
+    task: str | None = None  # regression | classification; None: classification for integer targets
+    num_classes: int | None = None  # a Dataset's classes where it has no `classes` attribute
+    num_workers: int = 0  # DataLoader worker processes for a Dataset (tensors need none)
+    standardize: Any = False  # true: inputs and a regression's target | features: inputs only | false
+
+    section: ClassVar[str] = "data"
+    example: ClassVar[str] = "mypkg.data.make_data"
+
+    def check(self) -> None:
+        super().check()
+        _fraction("data.val_fraction", self.val_fraction)
+        if self.task is not None:
+            _one_of("data.task", self.task, ("regression", "classification"))
+        _positive("data.num_classes", self.num_classes, allow_none=True)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _standardize_choice(self.standardize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,10 +638,10 @@ def register_configs() -> None:
     for name, schema in DATASETS.items():
         cs.store(group="data", name=f"base_{name}", node=schema)
     cs.store(group="loss", name="base_loss", node=LossConfig)
-    # A user's own model or loss: an open mapping (no schema), so the constructor's arguments beside _target_
-    # are set as model.width=64, not +model.width=64. `model._target_=X` alone selects it (dtrain.overrides).
-    for group in ("model", "loss"):
-        open_node = OmegaConf.create({"_target_": "???"})
+    # A user's own model, loss or data: an open mapping (no schema), so the arguments beside _target_ are set as
+    # model.width=64, not +model.width=64. `model._target_=X` alone selects it (dtrain.overrides).
+    for group, schema in (("model", UserModelConfig), ("loss", UserLossConfig), ("data", UserDataConfig)):
+        open_node = OmegaConf.create({"_target_": "???", **_own_defaults(schema)})
         OmegaConf.set_struct(open_node, False)
         cs.store(group=group, name="custom", node=open_node)
     cs.store(group="optim", name="base_optim", node=OptimConfig)
@@ -624,7 +667,7 @@ def load(cfg: DictConfig) -> Config:
         elif key == "metrics":
             sections[key] = _metric_specs(value)
         elif key == "data":
-            sections[key] = _build(key, value, _pick(key, value, DATASETS))
+            sections[key] = _with_target(value, UserDataConfig) or _build(key, value, _pick(key, value, DATASETS))
         elif key == "optim":
             sections[key] = _build(key, value, OptimConfig)
         elif key == "schedule":
@@ -660,6 +703,12 @@ def load(cfg: DictConfig) -> Config:
     return config
 
 
+def _own_defaults(schema: type[UserTargetConfig]) -> dict[str, Any]:
+    """The keys dtrain reads itself beside a user's ``_target_`` (a data set's ``val_fraction``...), with defaults."""
+    base = {f.name for f in dataclasses.fields(UserTargetConfig)}
+    return {f.name: f.default for f in dataclasses.fields(schema) if f.name not in base}
+
+
 def _with_target(value: Any, schema: type[UserTargetConfig]) -> UserTargetConfig | None:
     """``schema(target, args)`` for a mapping with ``_target_`` (a user's own class); None for a built-in option."""
     if not isinstance(value, dict) or "_target_" not in value:
@@ -667,7 +716,9 @@ def _with_target(value: Any, schema: type[UserTargetConfig]) -> UserTargetConfig
     section = schema.section
     if value["_target_"] == "???":
         raise ConfigError(f"{section}._target_ is required: set it with {section}._target_=mypkg.module.Name")
-    return schema(target=value["_target_"], args={k: v for k, v in value.items() if k != "_target_"})
+    own = _own_defaults(schema)
+    args = {k: v for k, v in value.items() if k != "_target_" and k not in own}
+    return schema(target=value["_target_"], args=args, **{k: value.get(k, d) for k, d in own.items()})
 
 
 def _model(value: Any) -> Any:
@@ -808,9 +859,10 @@ def _check_objective_watchers(config: Config) -> None:
 
 
 def section_plain(section: Any) -> Any:
-    """One section as plain data: a user's model or loss as its ``_target_`` mapping, the rest as dicts."""
+    """One section as plain data: a user's model, loss or data as its ``_target_`` mapping, the rest as dicts."""
     if isinstance(section, UserTargetConfig):
-        return {"_target_": section.target, **section.args}
+        own = {k: getattr(section, k) for k in _own_defaults(type(section))}
+        return {"_target_": section.target, **section.args, **own}
     return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
 
 
@@ -862,6 +914,7 @@ __all__ = [
     "ScheduleConfig",
     "SineConfig",
     "TrainerConfig",
+    "UserDataConfig",
     "UserLossConfig",
     "UserModelConfig",
     "as_yaml",

@@ -3,8 +3,8 @@
 The file holds what rebuilding the model needs without the data or an internal class: the model's config (a
 built-in option, or the user's ``_target_`` and arguments), its sizes and task, the loss (which says how outputs
 become probabilities), the dtype of its weights and of the inputs it was trained on, the weights, and the
-place for the data preprocessing it was trained with (none yet: issue 14 fills it). Plain data and tensors only,
-so ``torch.load(..., weights_only=True)`` reads it.
+data's standardisation it was trained with, which :func:`load` puts in front of (and, for a regression's target,
+behind) the module. Plain data and tensors only, so ``torch.load(..., weights_only=True)`` reads it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch import nn
 
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, loss_section, model_section, section_plain
+from dtrain.data.standardize import Standardized, Standardizer
 from dtrain.errors import UserError, first_line
 from dtrain.models.sizes import ModelSizes
 
@@ -27,9 +28,15 @@ FINAL, BEST = "model.pt", "model_best.pt"
 
 
 def model_bytes(
-    model: nn.Module, config: Config, sizes: ModelSizes, step: int, metrics: dict[str, float] | None = None
+    model: nn.Module,
+    config: Config,
+    sizes: ModelSizes,
+    step: int,
+    metrics: dict[str, float] | None = None,
+    preprocessing: dict[str, Any] | None = None,
 ) -> bytes:
-    """``model`` with everything :func:`load` needs, as the bytes of one ``torch.save`` file."""
+    """``model`` with everything :func:`load` needs, as the bytes of one ``torch.save`` file; ``preprocessing``: the
+    data's standardisation (:meth:`dtrain.data.standardize.Standardizer.state`), None where there is none."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     record = {
@@ -41,7 +48,7 @@ def model_bytes(
         "input_dtype": str(dtype).removeprefix("torch."),  # the data is cast to the weights' dtype for training
         "step": step,
         "metrics": dict(metrics or {}),
-        "preprocessing": None,  # the data's preprocessing travels here (issue 14)
+        "preprocessing": preprocessing,  # applied again by load(), predict and report
         "state_dict": state,
     }
     buffer = io.BytesIO()
@@ -49,9 +56,17 @@ def model_bytes(
     return buffer.getvalue()
 
 
-def save_model(path: Path, model: nn.Module, config: Config, sizes: ModelSizes, step: int, metrics: Any = None) -> None:
+def save_model(
+    path: Path,
+    model: nn.Module,
+    config: Config,
+    sizes: ModelSizes,
+    step: int,
+    metrics: Any = None,
+    preprocessing: dict[str, Any] | None = None,
+) -> None:
     """Write :func:`model_bytes` to ``path`` atomically (a reader never sees half a file)."""
-    write_atomic(path, model_bytes(model, config, sizes, step, metrics))
+    write_atomic(path, model_bytes(model, config, sizes, step, metrics, preprocessing))
 
 
 @dataclass
@@ -100,6 +115,9 @@ def read_model(source: str | Path, best: bool = False, device: str | torch.devic
     dtype = getattr(torch, record["dtype"])
     module = module.to(dtype)
     module.load_state_dict(record["state_dict"])
+    standardizer = Standardizer.from_state(record.get("preprocessing"))
+    if standardizer is not None:  # inputs and predictions in the user's units, as the data came
+        module = Standardized(module, standardizer).to(dtype)
     module = module.to(device).eval()
     loss = build_loss(loss_section(record["loss"]), sizes.task, sizes.num_classes)
     return TrainedModel(module, sizes, loss, dtype, record)
@@ -110,6 +128,9 @@ def load(source: str | Path, best: bool = False, device: str | torch.device = "c
 
     ``source`` is a run directory (its ``model.pt``; ``best=True`` for ``model_best.pt``) or a model file. The
     module is in eval mode on ``device``, in the dtype it was trained in (feed it inputs of that dtype, its
-    parameters' dtype). A user's model is imported by its ``_target_``: its package must be importable.
+    parameters' dtype). A model trained on standardised data comes wrapped with its standardisation
+    (:class:`~dtrain.data.standardize.Standardized`, the model itself as ``.model``): it takes inputs and gives
+    predictions in the data's own units. A user's model is imported by its ``_target_``: its package must be
+    importable.
     """
     return read_model(source, best, device).module

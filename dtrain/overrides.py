@@ -3,7 +3,7 @@
 ``model._target_=mypkg.MyNet`` is how a Hydra user names a class. The default model option (``polynomial``)
 has a schema without ``_target_``, so Hydra alone would refuse the key; this module makes that override
 select the ``custom`` option (an open mapping: ``_target_`` and the constructor's arguments), as if the user
-had also written ``model=custom``. The same holds for ``loss``. Nothing else is rewritten.
+had also written ``model=custom``. The same holds for ``loss`` and ``data``. Nothing else is rewritten.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 
 from dtrain.errors import ConfigError
 
-OPEN_GROUPS = ("model", "loss")  # the groups whose options a user may replace by a _target_
+OPEN_GROUPS = ("model", "loss", "data")  # the groups whose options a user may replace by a _target_
 
 
 def normalise(overrides: list[str]) -> list[str]:

@@ -17,7 +17,8 @@ import torch
 from dtrain import dist
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, as_yaml, to_plain
-from dtrain.data import ShardedBatches, build_dataset
+from dtrain.data.dataloader import build_batches
+from dtrain.data.registry import build_training_data
 from dtrain.data.summary import data_summary, source_of
 from dtrain.errors import PeerFailure, RankLocalError, UserError, first_line
 from dtrain.faults import Faults
@@ -89,7 +90,10 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     """One model trained data-parallel over every rank."""
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     dtype = param_dtype(config.trainer.precision)
-    data = build_dataset(config.data, config.seed).to(env.device, dtype)
+    reduce = lambda t: dist.all_reduce_sum(t.to(env.device), env).cpu()  # noqa: E731 (the statistics' sums)
+    data, standardizer = build_training_data(config.data, config.seed, env.rank, env.world_size, reduce)
+    data = data.to(env.device, dtype)
+    preprocessing = standardizer.state() if standardizer is not None else None
     sizes = model_sizes(config, data)
     loss = build_loss(config.loss, data.task, data.num_classes)
     metrics = ValMetrics(config.metrics, sizes, loss)
@@ -97,13 +101,14 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     check_objective(config, data, metrics.names)
     model = build_initial_model(config, data)
     check_fit(model.to(env.device, dtype), loss, data, sizes)  # the user's model and loss, on one batch
-    batches = ShardedBatches(
+    batches = build_batches(
         data.train,
         config.trainer.batch_size,
         env.rank,
         env.world_size,
         config.seed,
         config.trainer.grad_accum_steps,
+        num_workers=getattr(config.data, "num_workers", 0),  # a DataLoader's (data read from disk)
     )
     torch.manual_seed(config.seed + 1 + env.rank)  # per-rank stream for dropout
     plain = to_plain(config)
@@ -111,7 +116,7 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
 
     # Every check of the user's input has passed: only now is the run directory touched.
     open_run_dir(run_dir, config, env, fresh=resumed is None)
-    summary_line = data_summary(data, source_of(config.data), env.world_size, batches.global_batch)
+    summary_line = data_summary(data, source_of(config.data), env.world_size, batches.global_batch, standardizer)
     if env.is_main:
         log.info("run directory: %s (world size %d, %s)", run_dir, env.world_size, env.device)
         log.info("%s", summary_line)
@@ -131,7 +136,7 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
             faults = Faults(config.fault, env.rank)
 
             def save_best(model: torch.nn.Module, step: int, val: dict[str, float]) -> None:
-                save_model(run_dir / BEST, model, config, sizes, step, val)
+                save_model(run_dir / BEST, model, config, sizes, step, val, preprocessing)
 
             trainer = Trainer(
                 model, data, batches, config, env, logger, checkpointer, faults, preemption, loss, metrics,
@@ -145,8 +150,8 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     if env.is_main:
         write_atomic(run_dir / "metrics.json", metrics_json(summary).encode())
         if result.status == "completed":  # a diverged model's weights are not worth keeping
-            save_model(run_dir / FINAL, trainer.model, config, sizes, result.steps, result.metrics)
-            batch = data.train.x[:64], data.train.y[:64]
+            save_model(run_dir / FINAL, trainer.model, config, sizes, result.steps, result.metrics, preprocessing)
+            batch = data.train.head(64)
             for name, text in trainer.strategy.run_files(*batch).items():  # the engine's graph.dot (docs/graph.md)
                 write_atomic(run_dir / name, text.encode())
     dist.barrier(env)

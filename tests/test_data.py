@@ -338,7 +338,7 @@ def test_missing_file(tmp_path) -> None:
 
 
 def test_directory_is_not_a_file(tmp_path) -> None:
-    assert_one_line_user_error(file_cfg(tmp_path), "is a directory, not a file")
+    assert_one_line_user_error(file_cfg(tmp_path), "is a directory without x.npy", "holding x.npy and y.npy")
 
 
 def test_unknown_suffix(tmp_path) -> None:
@@ -515,3 +515,189 @@ def test_the_summary_says_what_was_loaded() -> None:
     )
     regression = DataSet(Split(x, torch.linspace(-1, 3, 10)[:, None]), {}, task="regression")
     assert describe(regression, "sine (generated)", 1, 10).endswith("regression, target in [-1, 3], mean 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables: Parquet, compressed CSV, chosen columns
+
+
+def frame_rows(n: int = 30) -> dict[str, np.ndarray]:
+    i = np.arange(n, dtype=np.float64)
+    return {"id": i + 1000, "a": i, "b": np.sin(i), "y": 2 * i - 1}
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv.gz"])
+def test_parquet_and_compressed_csv_read_as_the_csv(tmp_path, suffix: str) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(frame_rows())
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    path = tmp_path / f"d.{suffix}"
+    frame.to_parquet(path, index=False) if suffix == "parquet" else frame.to_csv(path, index=False)
+    args = {"drop": ["id"]}
+    plain, other = (build_dataset(file_cfg(p, **args), seed=0) for p in (tmp_path / "d.csv", path))
+    assert other.num_inputs == 2
+    assert torch.equal(other.train.x, plain.train.x) and torch.equal(other.val[""].y, plain.val[""].y)
+
+
+def test_features_and_drop_choose_the_input_columns(tmp_path) -> None:
+    import pandas as pd
+
+    path = tmp_path / "d.csv"
+    pd.DataFrame(frame_rows()).to_csv(path, index=False)
+    chosen = build_dataset(file_cfg(path, features=["b", "a"]), seed=0)
+    gx, _ = gather(chosen)
+    rows = frame_rows()
+    # In the order data.features gives them; sorted by the first (b) by gather.
+    expected = np.stack([rows["b"], rows["a"]], axis=1)
+    torch.testing.assert_close(gx, torch.from_numpy(expected[np.argsort(expected[:, 0])]))
+    dropped = build_dataset(file_cfg(path, drop=["id"]), seed=0)
+    assert dropped.num_inputs == 2
+    assert_one_line_user_error(file_cfg(path, features=["a", "c"]), "no column 'c'", "columns: id, a, b, y")
+    assert_one_line_user_error(file_cfg(path, features=["a", "y"]), "lists the target column 'y'")
+
+
+@pytest.mark.parametrize(
+    ("write", "fragment"),
+    [
+        (lambda p: p.write_bytes(b"not parquet"), "not a readable .parquet file"),
+        (lambda p: __import__("pandas").DataFrame({"a": ["x", "1"], "y": [1, 2]}).to_parquet(p), "column 'a' holds"),
+    ],
+)
+def test_bad_parquet_is_one_line(tmp_path, write, fragment: str) -> None:
+    path = tmp_path / "d.parquet"
+    write(path)
+    assert_one_line_user_error(file_cfg(path), fragment)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-mapped .npy: read through a DataLoader, a batch of rows at a time
+
+
+def write_npy(directory, rows: int, features: int = 4, classes: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    directory.mkdir(parents=True, exist_ok=True)
+    x = np.arange(rows * features, dtype=np.float32).reshape(rows, features)
+    y = (np.arange(rows) % classes) if classes else x.sum(axis=1)
+    np.save(directory / "x.npy", x)
+    np.save(directory / "y.npy", y)
+    return x, y
+
+
+def test_npy_directory_is_memory_mapped_and_split_as_a_table_would_be(tmp_path) -> None:
+    from dtrain.data.dataset import DatasetSplit
+
+    x, y = write_npy(tmp_path / "arrays", 50)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    mapped = build_dataset(file_cfg(tmp_path / "arrays"), seed=3)
+    table = build_dataset(file_cfg(tmp_path / "d.npz"), seed=3)
+    assert isinstance(mapped.train, DatasetSplit) and not mapped.in_memory
+    assert isinstance(mapped.train.dataset.x, np.memmap)
+    # The same rows in the same split as the .npz, read through the split's own rows.
+    got_x, got_y = mapped.train.rows(0, len(mapped.train))
+    torch.testing.assert_close(got_x, table.train.x)
+    torch.testing.assert_close(got_y, table.train.y)
+    # x.npy named directly finds y.npy beside it; classes are checked as a table's are.
+    assert len(build_dataset(file_cfg(tmp_path / "arrays" / "x.npy"), seed=3).train) == 40
+    write_npy(tmp_path / "classes", 40, classes=3)
+    assert build_dataset(file_cfg(tmp_path / "classes", task="classification"), seed=0).num_classes == 3
+    (tmp_path / "classes" / "y.npy").unlink()
+    assert_one_line_user_error(file_cfg(tmp_path / "classes"), "no y.npy beside it", ".npy files there: x.npy")
+
+
+def test_ranks_read_disjoint_rows_of_each_global_batch(tmp_path) -> None:
+    from dtrain.data.dataloader import LoaderBatches
+
+    write_npy(tmp_path / "arrays", 64, features=1)
+    data = build_dataset(file_cfg(tmp_path / "arrays", val_fraction=0.0), seed=0)
+    loaders = [LoaderBatches(data.train, 16, rank, 2, seed=5, grad_accum_steps=2) for rank in (0, 1)]
+    memory = ShardedBatches(Split(*data.train.rows(0, 64)), 16, 0, 1, seed=5)
+    for step, (whole, *ranks) in enumerate(zip(memory.epoch(1), *(b.epoch(1) for b in loaders), strict=True)):
+        per_rank = [torch.cat([mx for mx, _ in micro]) for micro in ranks]
+        assert all(len(m) == 2 and len(m[0][0]) == 4 for m in ranks)  # 2 micro-batches of 4 rows per rank
+        # Rank 0 then rank 1 make exactly the global batch the in-memory loader gives one process.
+        torch.testing.assert_close(torch.cat(per_rank), whole[0][0], msg=f"step {step}")
+    assert loaders[0].steps_per_epoch == 4
+
+
+def test_a_memory_mapped_file_larger_than_the_limit_trains_in_bounded_memory(tmp_path) -> None:
+    """An epoch over a 160 MB x.npy must not grow the process's own (anonymous) resident memory by more than
+    32 MB, a fifth of the file: the rows are the page cache's, which the kernel can drop, not the process's. (What
+    does grow with the rows is the epoch's order, 8 bytes a row.)"""
+    from dtrain.data.dataloader import LoaderBatches
+
+    rows, features = 1_000_000, 40
+    directory = tmp_path / "big"
+    directory.mkdir()
+    x = np.lib.format.open_memmap(directory / "x.npy", mode="w+", dtype=np.float32, shape=(rows, features))
+    x[:] = 1.0
+    x.flush()
+    del x
+    np.save(directory / "y.npy", np.zeros(rows, dtype=np.float32))
+    limit = 32 * 2**20
+    assert (directory / "x.npy").stat().st_size > 4 * limit
+    data = build_dataset(file_cfg(directory, val_fraction=0.01), seed=0).to(torch.device("cpu"), torch.float32)
+    batches = LoaderBatches(data.train, 25_000, 0, 1, seed=0)
+    before, peak, seen = anonymous_rss(), 0, 0
+    for micro in batches.epoch(0):
+        seen += len(micro[0][0])
+        peak = max(peak, anonymous_rss() - before)
+    assert seen == batches.steps_per_epoch * 25_000 > 0.9 * rows
+    assert peak < limit, f"anonymous resident memory grew by {peak / 2**20:.0f} MB"
+
+
+def anonymous_rss() -> int:
+    """This process's anonymous resident memory in bytes (Linux: RssAnon in /proc/self/status)."""
+    for line in open("/proc/self/status"):  # noqa: SIM115 (a read of a few lines)
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+# ---------------------------------------------------------------------------------------------
+# Standardisation: statistics of the training split, summed over rank shards
+
+
+def test_standardizer_statistics_are_the_training_splits_whichever_ranks_sum_them() -> None:
+    from dtrain.data.standardize import fit_standardizer
+
+    gen = torch.Generator().manual_seed(0)
+    x = 1e6 + torch.randn(101, 3, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 1e-3, 0.0]).double()
+    y = 300 + 50 * torch.randn(101, 1, generator=gen, dtype=torch.float64)
+    split = Split(x, y)
+    whole = fit_standardizer(split, targets=True)
+    torch.testing.assert_close(whole.x_mean, x.mean(0), rtol=1e-15, atol=0)
+    # A spread of 1e-3 at 1e6 survives (to the precision x itself holds it: 1e-10 / 1e-3), where a plain sum of
+    # squares would cancel it away (1e12 - 1e12): the sums are of differences from the first row.
+    torch.testing.assert_close(whole.x_std[:2], x[:, :2].std(0, unbiased=False), rtol=1e-6, atol=0)
+    assert whole.x_std[2] == 1.0  # a constant feature keeps scale 1: it becomes 0, not NaN
+    torch.testing.assert_close(whole.y_std, y.std(0, unbiased=False), rtol=1e-12, atol=0)
+    # Three ranks' shards, each summed alone, then added up: what the all-reduce gives every rank.
+    shard_sums: list[torch.Tensor] = []
+    for rank in range(3):
+        fit_standardizer(split, True, rank, 3, reduce=lambda t: shard_sums.append(t.clone()) or t)
+    total = torch.stack(shard_sums).sum(0)
+    reduced = fit_standardizer(split, True, 0, 3, reduce=lambda t: total)
+    for name in ("x_mean", "x_std", "y_mean", "y_std"):
+        torch.testing.assert_close(getattr(reduced, name), getattr(whole, name), rtol=1e-12, atol=1e-12)
+    # Applied: the training split has mean 0 and std 1; classes stay class indices.
+    train = whole.apply(DataSet(split, {}, task="regression")).train
+    torch.testing.assert_close(train.x[:, :2].mean(0), torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(train.y.std(0, unbiased=False), torch.ones(1, dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(whole.untargets(train.y), y, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("choice", "inputs", "target"), [(True, True, True), ("features", True, False), (False, False, False)]
+)
+def test_data_standardize_chooses_what_is_scaled(tmp_path, choice: object, inputs: bool, target: bool) -> None:
+    from dtrain.data.registry import build_training_data
+
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.arange(40.0).reshape(20, 2) * 10, y=np.arange(20.0) + 100)
+    raw = build_dataset(file_cfg(path), seed=0)
+    data, standardizer = build_training_data(file_cfg(path, standardize=choice), seed=0)
+    assert (standardizer is not None) == inputs
+    assert torch.equal(data.train.x, raw.train.x) != inputs
+    assert torch.equal(data.train.y, raw.train.y) != target
+    if standardizer is not None:
+        assert (standardizer.y_mean is not None) == target

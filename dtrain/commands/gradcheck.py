@@ -16,7 +16,7 @@ from torch import nn
 
 from dtrain.compose import compose_config
 from dtrain.config import Config, TrainerConfig
-from dtrain.data import build_dataset
+from dtrain.data.registry import build_training_data
 from dtrain.dist import DistEnv
 from dtrain.graph.gradcheck import central_differences, relative_error
 from dtrain.models import build_model, model_sizes
@@ -44,11 +44,11 @@ def numeric_grads(
 def check_gradients(config: Config, samples: int, eps: float) -> dict[str, float]:
     """Worst relative error per parameter of the configured model on ``samples`` training points."""
     torch.manual_seed(config.seed)
-    data = build_dataset(config.data, config.seed).to(torch.device("cpu"), torch.float64)
+    data = build_training_data(config.data, config.seed)[0].to(torch.device("cpu"), torch.float64)
     model = build_model(config.model, model_sizes(config, data)).to(torch.float64)
     model.eval()  # no dropout: the loss must be a deterministic function of the parameters
     loss = build_loss(config.loss, data.task, data.num_classes).fn
-    x, y = data.train.x[:samples], data.train.y[:samples]
+    x, y = data.train.head(samples)
     analytic = analytic_grads(model, loss, x, y)
     numeric = numeric_grads(model, loss, x, y, eps)
     return {name: relative_error(analytic[name], numeric[name]) for name in analytic}

@@ -102,11 +102,13 @@ def hessian_lambda_max(config: Config) -> float | None:
     for models with at most HESSIAN_MAX_PARAMS parameters; None for larger ones and the graph engine."""
     from torch.func import functional_call
 
-    from dtrain.data import build_dataset
+    from dtrain.data.registry import build_training_data
     from dtrain.models import gradient_source
     from dtrain.train.objective import build_loss
 
-    data = build_dataset(config.data, config.seed).to(torch.device("cpu"), torch.float64)
+    data = build_training_data(config.data, config.seed)[0].to(torch.device("cpu"), torch.float64)
+    if not data.in_memory:  # the full-batch Hessian would read every row; lr-find's population refuses it anyway
+        return None
     model = build_initial_model(config, data).to(torch.float64)
     if gradient_source(model) == "engine":  # its loss is not a torch function of the parameters
         return None

@@ -62,7 +62,8 @@ def inputs(config: Config) -> torch.Tensor:
 
         return torch.as_tensor(read_features(config.data), dtype=torch.float64)
     data = build_dataset(config.data, config.seed)
-    return data.val[""].x if "" in data.val else data.train.x
+    split = data.val.get("", data.train)
+    return split.head(len(split))[0]
 
 
 def predict_rows(trained: TrainedModel, x: torch.Tensor, chunk: int = 4096) -> dict[str, np.ndarray]:

@@ -1,10 +1,21 @@
-"""The in-memory data set every model trains on: its splits, shapes and task; built by :mod:`dtrain.data.registry`."""
+"""The data set a model trains on: its splits, shapes and task; built by :mod:`dtrain.data.registry`.
+
+A split is either a pair of tensors held whole on the training device (:class:`Split`, the fast path every
+built-in data set takes) or a map-style ``torch.utils.data.Dataset`` read a batch at a time
+(:class:`DatasetSplit`: a user's own data set, memory-mapped ``.npy`` files). Both answer ``len``, ``head(n)``
+and ``rows(lo, hi)``, which is all that the checks, the summary and evaluation read.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch.utils.data import default_collate
+
+from dtrain.errors import ConfigError
 
 
 @dataclass
@@ -21,6 +32,91 @@ class Split:
         y = self.y.to(device) if self.y.dtype == torch.long else self.y.to(device, dtype)
         return Split(self.x.to(device, dtype), y)
 
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of rows ``lo..hi-1``: views, no copy."""
+        return self.x[lo:hi], self.y[lo:hi]
+
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` rows (fewer if the split is shorter)."""
+        return self.rows(0, n)
+
+
+class DatasetSplit:
+    """Rows of a map-style ``Dataset`` whose items are ``(input, target)`` pairs, read on demand.
+
+    ``indices`` picks and orders the dataset's rows (a train/val split of one dataset); batches come back
+    collated as a DataLoader would, as ``dtype`` floats (class indices stay ``long``) on ``device``, with a
+    regression target of one value a row shaped [N, 1] like :class:`Split`'s.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        indices: torch.Tensor | None = None,
+        task: str = "regression",
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float64,
+        transform: Any = None,
+    ) -> None:
+        self.dataset, self.indices, self.task = dataset, indices, task
+        self.device, self.dtype = device or torch.device("cpu"), dtype
+        self.transform = transform  # a Standardizer (dtrain.data.standardize), applied as batches are read
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.dataset)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> DatasetSplit:
+        return DatasetSplit(self.dataset, self.indices, self.task, device, dtype, self.transform)
+
+    def with_transform(self, transform: Any) -> DatasetSplit:
+        return DatasetSplit(self.dataset, self.indices, self.task, self.device, self.dtype, transform)
+
+    def dataset_rows(self, positions: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The dataset's row numbers at ``positions`` of this split."""
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        return positions if self.indices is None else self.indices[positions]
+
+    def fetch(self, positions: Sequence[int] | torch.Tensor) -> Any:
+        """The collated, unconverted batch at ``positions``: ``read_rows`` or ``__getitems__`` where the dataset has
+        it (one read for the batch), else item by item."""
+        rows = self.dataset_rows(positions)
+        read_rows = getattr(self.dataset, "read_rows", None)  # already collated (a memory-mapped array's rows)
+        if read_rows is not None:
+            return read_rows(rows.numpy())
+        listed = rows.tolist()  # a user's Dataset is indexed by Python ints
+        getitems = getattr(self.dataset, "__getitems__", None)
+        return default_collate(getitems(listed) if getitems is not None else [self.dataset[i] for i in listed])
+
+    def convert(self, batch: Any, non_blocking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """A collated ``(inputs, targets)`` batch as the model and the loss take it, on the training device."""
+        x, y = batch
+        x = torch.as_tensor(x).to(self.device, self.dtype, non_blocking=non_blocking)
+        y = torch.as_tensor(y)
+        if self.task == "classification":
+            y = y.to(self.device, torch.long, non_blocking=non_blocking)
+        else:
+            y = y.to(self.device, self.dtype, non_blocking=non_blocking)
+            y = y[:, None] if y.ndim == 1 else y
+        if self.transform is not None:
+            x = self.transform.inputs(x)
+            y = y if self.task == "classification" else self.transform.targets(y)
+        return x, y
+
+    def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``lo..hi-1`` of this split, read and converted."""
+        hi = min(hi, len(self))
+        if hi <= lo:  # an empty slice (a rank without validation rows): zero rows of the right shapes
+            x, y = self.rows(0, 1)
+            return x[:0], y[:0]
+        return self.convert(self.fetch(range(lo, hi)))
+
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` rows (fewer if the split is shorter)."""
+        return self.rows(0, n)
+
+
+AnySplit = Split | DatasetSplit
+
 
 @dataclass
 class DataSet:
@@ -30,8 +126,8 @@ class DataSet:
     ``val/loss``), ``"outer"`` the extrapolation range of ``sine`` (``val/loss_outer``).
     """
 
-    train: Split
-    val: dict[str, Split]
+    train: AnySplit
+    val: dict[str, AnySplit]
     task: str  # regression | classification
     num_classes: int = 0
     extras: dict[str, object] = field(default_factory=dict)  # e.g. the true coefficients
@@ -41,8 +137,19 @@ class DataSet:
         self.val = {name: split for name, split in self.val.items() if len(split) > 0}
 
     @property
+    def in_memory(self) -> bool:
+        """Held whole as tensors (the fast path); otherwise read through a DataLoader."""
+        return isinstance(self.train, Split)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one row's input: ``(features,)`` for a table, ``(channels, height, width)`` for images."""
+        return tuple(self.train.head(1)[0].shape[1:])
+
+    @property
     def num_inputs(self) -> int:
-        return self.train.x.shape[1]
+        """Values in one row's input: the features of a table (what a flattening model takes)."""
+        return int(torch.Size(self.input_shape).numel())
 
     @property
     def num_outputs(self) -> int:
@@ -58,9 +165,32 @@ class DataSet:
         )
 
 
+def require_in_memory(data: DataSet, what: str) -> None:
+    """Refuse (one line) a data set read through a DataLoader where ``what`` needs every row in memory."""
+    if not data.in_memory:
+        raise ConfigError(
+            f"{what} needs the data in memory as tensors; data._target_ returned Datasets: return tensors (x, y) "
+            "instead, or train one model"
+        )
+
+
+def split_rows(num: int, val_fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row numbers of the training and the validation split: shuffled once with ``gen``, ``val_fraction`` held
+    out."""
+    order = torch.randperm(num, generator=gen)
+    num_val = round(val_fraction * num)
+    return order[num_val:], order[:num_val]
+
+
 def split_train_val(x: torch.Tensor, y: torch.Tensor, val_fraction: float, gen: torch.Generator) -> tuple[Split, Split]:
     """Shuffle once with ``gen`` and hold out ``val_fraction`` of the points for validation."""
-    order = torch.randperm(x.shape[0], generator=gen)
-    num_val = round(val_fraction * x.shape[0])
-    val_idx, train_idx = order[:num_val], order[num_val:]
+    train_idx, val_idx = split_rows(x.shape[0], val_fraction, gen)
     return Split(x[train_idx], y[train_idx]), Split(x[val_idx], y[val_idx])
+
+
+def split_dataset(
+    dataset: Any, val_fraction: float, gen: torch.Generator, task: str
+) -> tuple[DatasetSplit, DatasetSplit]:
+    """One map-style data set split as :func:`split_train_val` splits tensors: the same rows for the same seed."""
+    train_idx, val_idx = split_rows(len(dataset), val_fraction, gen)
+    return DatasetSplit(dataset, train_idx, task), DatasetSplit(dataset, val_idx, task)

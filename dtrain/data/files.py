@@ -1,31 +1,43 @@
-"""A user's data from disk: ``.npz`` (arrays ``x`` and ``y``) or ``.csv`` (a header and a target column)."""
+"""A user's data from disk (docs/data.md).
+
+* ``.csv`` / ``.csv.gz`` (a header and a target column) and ``.parquet``: tables read whole, the columns chosen by
+  ``data.features`` / ``data.drop`` read alone where the format allows;
+* ``.npz`` with arrays ``x`` and ``<data.target>``;
+* ``.npy``: ``x.npy`` and ``<data.target>.npy``, or a directory of them, memory-mapped (:mod:`dtrain.data.npy`)
+  and read through a DataLoader, so data bigger than memory trains.
+"""
 
 from __future__ import annotations
 
 import csv
+import gzip
 import logging
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from dtrain import config as C
-from dtrain.data.dataset import DataSet, split_train_val
-from dtrain.errors import UserError
+from dtrain.data.dataset import DataSet, split_dataset, split_train_val
+from dtrain.data.labels import check_labels
+from dtrain.data.npy import MemmapRows, npy_paths, open_array
+from dtrain.errors import UserError, first_line
 from dtrain.launch_env import rank
 
 log = logging.getLogger("dtrain")
 # A target of at most this many distinct integers, in a run that did not say data.task, looks like classes.
 FEW_VALUES = 20
-# More classes than this with fewer rows than this per class on average: a regression target given as classes
-# (the diabetes target as classification: 214 "classes" in 442 rows).
-MANY_CLASSES, FEW_ROWS_PER_CLASS = 10, 5
 
 
 def load(cfg: C.FileDataConfig, gen: torch.Generator) -> DataSet:
     """Read ``cfg.path``, check it, and split it into train/val."""
-    x, y = _read(cfg, with_target=True)
+    path = _existing_path(cfg)
+    arrays = npy_paths(path, cfg.target)
+    if arrays is not None:
+        return _load_memmapped(cfg, *arrays, gen)
+    x, y = _read(cfg, path, with_target=True)
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
@@ -36,57 +48,64 @@ def load(cfg: C.FileDataConfig, gen: torch.Generator) -> DataSet:
         raise UserError(f"data.path={cfg.path!r}: contains NaN or infinite values")
 
     xt = torch.as_tensor(x, dtype=torch.float64)
-    task = cfg.task or "regression"
+    if y.ndim > 1 and y.shape[1:] != (1,) * (y.ndim - 1):
+        raise UserError(f"data.path={cfg.path!r}: needs one target a row, y has shape {y.shape}")
+    task, num_classes = _task(cfg, y.reshape(-1))
     if task == "classification":
-        if y.ndim > 1 and y.shape[1:] != (1,) * (y.ndim - 1):
-            raise UserError(f"data.path={cfg.path!r}: classification needs one label per row, y has shape {y.shape}")
-        labels = y.reshape(-1)
-        _check_labels(cfg.path, labels)
-        yt = torch.as_tensor(labels, dtype=torch.long)
-        num_classes = int(yt.max()) + 1
+        yt = torch.as_tensor(y.reshape(-1), dtype=torch.long)
     else:
-        yt = torch.as_tensor(y.reshape(y.shape[0], -1), dtype=torch.float64)
-        if yt.shape[1] != 1:
-            raise UserError(f"data.path={cfg.path!r}: regression needs one target column, got {yt.shape[1]}")
-        num_classes = 0
-        if cfg.task is None and rank() == 0:
-            _warn_if_classes(cfg.path, y.reshape(-1))
+        yt = torch.as_tensor(y.reshape(-1, 1), dtype=torch.float64)
     train, val = split_train_val(xt, yt, cfg.val_fraction, gen)
     return DataSet(train, {"": val}, task=task, num_classes=num_classes)
 
 
-def _existing_file(cfg: C.FileDataConfig) -> Path:
-    """``data.path`` as a path to a file, or a one-line error saying what it is instead."""
+FORMATS = ".csv, .csv.gz, .parquet, .npz or .npy"
+
+
+def _existing_path(cfg: C.FileDataConfig) -> Path:
+    """``data.path`` as an existing file or directory, or a one-line error."""
     path = Path(cfg.path).expanduser()
-    if path.is_dir():
-        raise UserError(f"data.path={cfg.path!r} is a directory, not a file: give a .npz or .csv file in it")
-    if not path.is_file():
-        raise UserError(f"data.path={cfg.path!r}: no such file (expected a .npz or .csv file)")
+    if not path.exists():
+        raise UserError(f"data.path={cfg.path!r}: no such file (expected a {FORMATS} file)")
     return path
 
 
-def _check_labels(where: str, labels: np.ndarray) -> None:
-    """Class labels must be the indices 0..K-1, each used, with fewer classes than makes sense for the rows."""
-    if not np.all(labels == np.round(labels)):
+def _load_memmapped(cfg: C.FileDataConfig, x_path: Path, y_path: Path, gen: torch.Generator) -> DataSet:
+    """Memory-mapped ``.npy`` inputs and targets, split into train/val by row numbers: nothing but the targets is
+    read here."""
+    if not x_path.is_file():
         raise UserError(
-            f"data.path={where!r}: classification targets must be class indices 0..K-1, and some are not whole "
-            "numbers (a regression target? then data.task=regression)"
+            f"data.path={cfg.path!r} is a directory without x.npy: give a {FORMATS} file, or a directory holding "
+            f"x.npy and {cfg.target}.npy"
         )
-    found = np.unique(labels).astype(np.int64)
-    k = len(found)
-    rows = len(labels)
-    if k > MANY_CLASSES and rows / k < FEW_ROWS_PER_CLASS:
+    if not y_path.is_file():
+        found = ", ".join(sorted(p.name for p in y_path.parent.glob("*.npy"))) or "none"
         raise UserError(
-            f"data.path={where!r}: data.task=classification but the target has {k} distinct values in {rows} rows: "
-            "is it a regression target? (data.task=regression)"
+            f"{x_path}: no {y_path.name} beside it for the target (data.target={cfg.target}); .npy files there: {found}"
         )
-    if found[0] != 0 or found[-1] != k - 1:
-        shown = f"{found[0]}..{found[-1]}" if found[-1] - found[0] == k - 1 else ", ".join(map(str, found[:6]))
-        fix = f"subtract {found[0]} from every label" if found[-1] - found[0] == k - 1 else "renumber them"
-        raise UserError(
-            f"data.path={where!r}: labels {shown} ({k} classes); dtrain expects class indices 0..K-1, here "
-            f"0..{k - 1}: {fix}"
-        )
+    x, y = open_array(x_path), open_array(y_path)
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise UserError(f"{x_path}: inputs must be a non-empty [N, features...] array, got shape {x.shape}")
+    if y.shape[0] != x.shape[0] or (y.ndim > 1 and y.shape[1:] != (1,)):
+        raise UserError(f"{y_path}: needs one target a row for the {x.shape[0]} rows of x.npy, got shape {y.shape}")
+    rows = MemmapRows(x, y)
+    targets = rows.targets().reshape(-1)
+    if not np.isfinite(targets).all():
+        raise UserError(f"{y_path}: contains NaN or infinite values")
+    task, num_classes = _task(cfg, targets)
+    train, val = split_dataset(rows, cfg.val_fraction, gen, task)
+    return DataSet(train, {"": val}, task=task, num_classes=num_classes)
+
+
+def _task(cfg: C.FileDataConfig, targets: np.ndarray) -> tuple[str, int]:
+    """The task (``data.task``, else regression with a warning where the targets look like classes) and the
+    number of classes, the labels checked."""
+    if cfg.task == "classification":
+        check_labels(f"data.path={cfg.path!r}", targets)
+        return "classification", int(targets.max()) + 1
+    if cfg.task is None and rank() == 0:
+        _warn_if_classes(cfg.path, targets)
+    return "regression", 0
 
 
 def _warn_if_classes(where: str, target: np.ndarray) -> None:
@@ -104,35 +123,68 @@ def _warn_if_classes(where: str, target: np.ndarray) -> None:
 
 
 def read_features(cfg: C.FileDataConfig) -> np.ndarray:
-    """The input rows of ``cfg.path``, for prediction: a ``.npz``'s ``x`` (``y`` may be absent), or every column of a
-    ``.csv`` but ``data.target`` (which may be absent)."""
-    x, _ = _read(cfg, with_target=False)
+    """The input rows of ``cfg.path``, for prediction: the inputs as training read them, the target (which may be
+    absent) left out."""
+    path = _existing_path(cfg)
+    arrays = npy_paths(path, cfg.target)
+    if arrays is not None:
+        if not arrays[0].is_file():
+            raise UserError(f"data.path={cfg.path!r} is a directory without x.npy")
+        x = np.asarray(open_array(arrays[0]), dtype=np.float64)
+    else:
+        x, _ = _read(cfg, path, with_target=False)
     x = x[:, None] if x.ndim == 1 else x
     if not np.isfinite(x).all():
         raise UserError(f"data.path={cfg.path!r}: contains NaN or infinite values")
     return x
 
 
-def _read(cfg: C.FileDataConfig, with_target: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The inputs and the target of ``cfg.path`` as float64 arrays. Without ``with_target`` (prediction) the target
-    may be absent: a CSV's target column is left out of the inputs where it is there."""
-    path = _existing_file(cfg)
-    suffix = path.suffix.lower()
+def _read(cfg: C.FileDataConfig, path: Path, with_target: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inputs and the target of a ``.npz``, ``.csv`` or ``.parquet`` file as float64 arrays. Without
+    ``with_target`` (prediction) the target may be absent."""
+    if path.is_dir():
+        raise UserError(
+            f"data.path={cfg.path!r} is a directory, not a file: give a {FORMATS} file, or a directory holding x.npy "
+            f"and {cfg.target}.npy"
+        )
+    suffix = _suffix(path)
     if suffix == ".npz":
-        return _read_npz(path, with_target)
-    if suffix != ".csv":
-        raise UserError(f"data.path={cfg.path!r}: unsupported suffix {suffix!r}; use .npz or .csv")
-    header, values = _read_csv_table(path)
-    if cfg.target in header:
-        column = header.index(cfg.target)
-        return np.delete(values, column, axis=1), values[:, column]
-    if with_target:
+        return _read_npz(path, cfg.target, with_target)
+    if suffix not in (".csv", ".csv.gz", ".parquet"):
+        raise UserError(f"data.path={cfg.path!r}: unsupported suffix {suffix!r}; use {FORMATS}")
+    header = _parquet_columns(path) if suffix == ".parquet" else _csv_header(path)
+    _check_header(path, header)
+    features = _feature_columns(cfg, path, header)
+    has_target = cfg.target in header
+    if with_target and not has_target:
         raise UserError(f"{path}: no column {cfg.target!r} (data.target); columns: {', '.join(header)}")
-    return values, None
+    columns = [*features, cfg.target] if has_target else features
+    values = _read_parquet(path, columns) if suffix == ".parquet" else _read_csv_table(path, columns)
+    return (values[:, :-1], values[:, -1]) if has_target else (values, None)
 
 
-def _read_npz(path: Path, with_target: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    needed = ("x", "y") if with_target else ("x",)
+def _suffix(path: Path) -> str:
+    """``.csv.gz`` where the file is a compressed CSV, else the last suffix, lower case."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    return "".join(suffixes) if suffixes == [".csv", ".gz"] else path.suffix.lower()
+
+
+def _feature_columns(cfg: C.FileDataConfig, path: Path, header: list[str]) -> list[str]:
+    """The input columns: ``data.features`` if given, else every column but the target and ``data.drop``."""
+    named = [*(cfg.features or []), *cfg.drop]
+    unknown = [name for name in named if name not in header]
+    if unknown:
+        raise UserError(f"{path}: no column {', '.join(map(repr, unknown))}; columns: {', '.join(header)}")
+    if cfg.target in (cfg.features or []):
+        raise UserError(f"data.features lists the target column {cfg.target!r} (data.target); leave it out")
+    chosen = cfg.features or [name for name in header if name != cfg.target and name not in cfg.drop]
+    if not chosen:
+        raise UserError(f"{path}: no input columns left beside the target {cfg.target!r}")
+    return chosen
+
+
+def _read_npz(path: Path, target: str, with_target: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    needed = ("x", target) if with_target else ("x",)
     try:
         with np.load(path) as arrays:
             missing = [k for k in needed if k not in arrays]
@@ -140,44 +192,101 @@ def _read_npz(path: Path, with_target: bool) -> tuple[np.ndarray, np.ndarray | N
                 has = ", ".join(arrays.files) or "none"
                 raise UserError(
                     f"{path}: no array {' or '.join(map(repr, missing))}; it has: {has}; "
-                    f"a .npz needs {' and '.join(needed)}"
+                    f"a .npz needs {' and '.join(needed)} (data.target names the target)"
                 )
-            y = arrays["y"].astype(np.float64) if with_target else None
+            y = arrays[target].astype(np.float64) if with_target else None
             return arrays["x"].astype(np.float64), y
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path}: not a readable .npz file ({exc})") from None
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    except Exception as exc:  # pyarrow's own error for a file that is not Parquet
+        raise UserError(f"{path}: not a readable .parquet file ({first_line(exc)})") from None
+
+
+def _read_parquet(path: Path, columns: list[str]) -> np.ndarray:
+    """The ``columns`` of a Parquet file (only those are read), as one float64 array."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=columns)
+    frame = table.to_pandas()
+    _check_numeric(path, frame, columns)
+    # Arrow may hand back a read-only buffer; torch would warn about it and training needs its own rows anyway.
+    return np.require(frame.to_numpy(dtype=np.float64), requirements="W")
+
+
+def _check_numeric(path: Path, frame: Any, columns: list[str]) -> None:
+    """A one-line error naming the first column that is not numbers, and a value in it."""
+    import pandas as pd
+
+    for name in columns:
+        kind = frame[name].dtype
+        if not pd.api.types.is_numeric_dtype(kind) or pd.api.types.is_bool_dtype(kind):
+            coerced = pd.to_numeric(frame[name], errors="coerce")
+            bad = frame[name][coerced.isna() & frame[name].notna()]
+            example = f": {bad.iloc[0]!r} (row {int(bad.index[0]) + 1}) is not a number" if len(bad) else ""
+            raise UserError(f"{path}: column {name!r} holds {kind} values{example}; dtrain trains on numbers")
 
 
 DELIMITERS = (",", ";", "\t", "|")
 INDEX_COLUMN_NAMES = ("", "Unnamed: 0")  # what pandas' to_csv writes above its index (and read_csv reads back)
 
 
-def _read_csv_table(path: Path) -> tuple[list[str], np.ndarray]:
-    """A numeric ``.csv``: its header and its rows, read by pandas' C parser.
+def _read_csv_table(path: Path, columns: list[str] | None = None) -> np.ndarray:
+    """A numeric ``.csv`` (or ``.csv.gz``): its ``columns`` (default: all, in the header's order) as one float64
+    array, read by pandas' C parser.
 
     pandas' C parser, because it measured fastest here: 0.52 s for 1M rows x 21 columns, against 2.5 s for
     pyarrow's parser with the conversion to one array and 14.2 s for Python's csv module, on 2 cores
-    (benchmarks/csv_loading.py, docs/benchmarks.md). The
+    (benchmarks/csv_loading.py, docs/benchmarks.md). Only the chosen columns are parsed (``usecols``). The
     delimiter is the header line's most frequent of ``, ; TAB |``. Where pandas cannot give a table of numbers,
     the file is read again by Python's csv module, whose one-line error names the line and column."""
     delimiter = _sniff_delimiter(path)
     try:
         import pandas as pd
 
-        frame = pd.read_csv(path, sep=delimiter, encoding="utf-8-sig", engine="c")
+        wanted = None if columns is None else set(columns)
+        use = None if wanted is None else (lambda name: str(name).strip() in wanted)  # names as the header has them
+        frame = pd.read_csv(path, sep=delimiter, encoding="utf-8-sig", engine="c", usecols=use)
+        frame.columns = [str(name).strip() for name in frame.columns]
+        frame = frame[columns] if columns is not None else frame
     except Exception:  # a parser or decoding error: the careful reader says what is wrong, and where
-        return _read_csv_slowly(path, delimiter)
-    header = [str(name).strip() for name in frame.columns]
-    _check_header(path, header)
+        return _read_csv_slowly(path, delimiter, columns)
     numeric = all(pd.api.types.is_numeric_dtype(kind) and not pd.api.types.is_bool_dtype(kind) for kind in frame.dtypes)
     if len(frame) == 0 or not numeric:
-        return _read_csv_slowly(path, delimiter)
-    return header, frame.to_numpy(dtype=np.float64, copy=False)
+        return _read_csv_slowly(path, delimiter, columns)
+    return frame.to_numpy(dtype=np.float64, copy=False)
+
+
+def _open_text(path: Path) -> Any:
+    """A CSV as text (UTF-8, a byte-order mark dropped), decompressed where it is ``.csv.gz``."""
+    if _suffix(path) == ".csv.gz":
+        return gzip.open(path, "rt", newline="", encoding="utf-8-sig")
+    return path.open(newline="", encoding="utf-8-sig")
+
+
+def _csv_header(path: Path) -> list[str]:
+    """The header row's names, split at the sniffed delimiter."""
+    delimiter = _sniff_delimiter(path)
+    try:
+        with _open_text(path) as handle:
+            first = next(csv.reader(handle, delimiter=delimiter), [])
+    except (UnicodeDecodeError, OSError, EOFError) as exc:
+        raise UserError(f"{path}: not a UTF-8 text file ({first_line(exc)}); a .csv must be UTF-8 text") from None
+    return [name.strip() for name in first]
 
 
 def _sniff_delimiter(path: Path) -> str:
-    with path.open("rb") as handle:
-        first = handle.readline().decode("utf-8-sig", errors="replace")
+    try:
+        with _open_text(path) as handle:
+            first = handle.readline()
+    except (UnicodeDecodeError, OSError, EOFError):
+        return ","  # the header's own reading says what is wrong
     counts = {d: first.count(d) for d in DELIMITERS}
     best = max(counts, key=lambda d: counts[d])
     return best if counts[best] else ","
@@ -191,11 +300,10 @@ def _check_header(path: Path, header: list[str]) -> None:
         )
 
 
-def _read_csv_slowly(path: Path, delimiter: str) -> tuple[list[str], np.ndarray]:
+def _read_csv_slowly(path: Path, delimiter: str, columns: list[str] | None = None) -> np.ndarray:
     """Python's csv module, cell by cell: slow, but its errors name the line and the column."""
     try:
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark.
-        with path.open(newline="", encoding="utf-8-sig") as handle:
+        with _open_text(path) as handle:
             rows = [row for row in csv.reader(handle, delimiter=delimiter) if row]  # blank lines carry no data
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file; a .csv must be UTF-8 text") from None
@@ -203,15 +311,16 @@ def _read_csv_slowly(path: Path, delimiter: str) -> tuple[list[str], np.ndarray]
         raise UserError(f"{path}: a .csv needs a header row and at least one data row")
     header = [name.strip() for name in rows[0]]
     _check_header(path, header)
-    values = np.empty((len(rows) - 1, len(header)), dtype=np.float64)
+    wanted = [header.index(name) for name in columns] if columns is not None else list(range(len(header)))
+    values = np.empty((len(rows) - 1, len(wanted)), dtype=np.float64)
     for i, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise UserError(
                 f"{path}:{i}: {len(row)} fields, but the header has {len(header)} (delimiter {delimiter!r})"
             )
-        for j, cell in enumerate(row):
+        for k, j in enumerate(wanted):
             try:
-                values[i - 2, j] = float(cell)
+                values[i - 2, k] = float(row[j])
             except ValueError:
-                raise UserError(f"{path}:{i}: column {header[j]!r}: {cell.strip()!r} is not a number") from None
-    return header, values
+                raise UserError(f"{path}:{i}: column {header[j]!r}: {row[j].strip()!r} is not a number") from None
+    return values

@@ -1,4 +1,7 @@
-"""Batches of an in-memory split, sharded across ranks by indexing: no DataLoader, no workers.
+"""Batches of a split, sharded across ranks: the plan of rows, and the in-memory loader that indexes tensors.
+
+The in-memory loader needs no DataLoader and no workers; :mod:`dtrain.data.dataloader` follows the same plan
+through a DataLoader for data sets read from disk.
 
 Every rank computes the same permutation from (seed, epoch) (with a full batch, the identity).
 Optimizer step ``k`` consumes the global batch ``perm[k*B:(k+1)*B]``, and rank ``r`` takes its
@@ -35,19 +38,22 @@ def shard_bounds(num_samples: int, rank: int, world_size: int) -> tuple[int, int
     return start, start + base + (1 if rank < extra else 0)
 
 
-class ShardedBatches:
-    """Per-step micro-batches of this rank's shard of a split that lives on the training device."""
+class BatchPlan:
+    """Which rows each rank takes at each optimizer step: the checks and the arithmetic both loaders share.
+
+    Step ``k`` of an epoch is the global batch ``perm[k*B:(k+1)*B]``; this rank's rows are its contiguous
+    ``B/world`` slice of it, cut into ``grad_accum_steps`` micro-batches.
+    """
 
     def __init__(
         self,
-        split: Split,
+        num: int,
         global_batch: int | None,
         rank: int,
         world_size: int,
         seed: int,
         grad_accum_steps: int = 1,
     ) -> None:
-        num = len(split)
         if num == 0:
             raise ConfigError("the training split is empty; lower data.val_fraction or provide more data")
         batch = num if global_batch is None else global_batch
@@ -63,31 +69,59 @@ class ShardedBatches:
                 f"{what}={batch} is not divisible by world_size x grad_accum_steps = "
                 f"{world_size} x {grad_accum_steps}; pick a multiple of {per_step}"
             )
-        self.split = split
+        self.num_samples = num
         self.global_batch = batch
         self.micro_batch = batch // per_step
+        self.rank_batch = self.micro_batch * grad_accum_steps
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.grad_accum_steps = grad_accum_steps
         self.steps_per_epoch = num // batch
-        # Full batch: every step sees all samples, so the order cannot matter to the mean; the same
-        # contiguous views serve every step, rather than a shuffled copy of the whole set.
-        self._full_batch = next(self._batches(0, None)) if batch == num else None
+        self.full_batch = batch == num
+
+    def order(self, epoch: int) -> torch.Tensor | None:
+        """The epoch's sample order; None for the full batch, whose order cannot matter to the mean."""
+        return None if self.full_batch else epoch_permutation(self.num_samples, self.seed, epoch)
+
+    def close(self) -> None:
+        """Release what reading batches holds (a DataLoader's workers); the in-memory loader holds nothing."""
+
+    def rank_rows(self, step: int) -> tuple[int, int]:
+        """[lo, hi) of the epoch's order that this rank takes at ``step``."""
+        lo = step * self.global_batch + self.rank * self.rank_batch
+        return lo, lo + self.rank_batch
+
+
+class ShardedBatches(BatchPlan):
+    """Per-step micro-batches of this rank's shard of a split that lives on the training device."""
+
+    def __init__(
+        self,
+        split: Split,
+        global_batch: int | None,
+        rank: int,
+        world_size: int,
+        seed: int,
+        grad_accum_steps: int = 1,
+    ) -> None:
+        super().__init__(len(split), global_batch, rank, world_size, seed, grad_accum_steps)
+        self.split = split
+        # Full batch: the same contiguous views serve every step, rather than a shuffled copy of the whole set.
+        self._full_batch = next(self._batches(0, None)) if self.full_batch else None
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """For each optimizer step of ``epoch`` from ``start_step`` on (a resumed run starts mid-epoch), this
         rank's ``grad_accum_steps`` micro-batches."""
         if self._full_batch is not None:
             return itertools.repeat(self._full_batch, self.steps_per_epoch - start_step)
-        perm = epoch_permutation(len(self.split), self.seed, epoch).to(self.split.x.device, non_blocking=True)
+        perm = self.order(epoch).to(self.split.x.device, non_blocking=True)
         return self._batches(start_step, perm)
 
     def _batches(self, start_step: int, perm: torch.Tensor | None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """The micro-batches of each step from ``start_step`` on: contiguous slices, or the rows ``perm`` picks."""
-        rank_batch = self.micro_batch * self.grad_accum_steps
         for step in range(start_step, self.steps_per_epoch):
-            start = step * self.global_batch + self.rank * rank_batch
+            start, _ = self.rank_rows(step)
             micro = []
             for m in range(self.grad_accum_steps):
                 lo, hi = start + m * self.micro_batch, start + (m + 1) * self.micro_batch

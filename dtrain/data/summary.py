@@ -5,6 +5,7 @@ the targets. Rank 0 prints it at start-up and writes it to TensorBoard's text, s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,14 +15,22 @@ from dtrain.data.loader import shard_bounds
 
 def source_of(cfg: object) -> str:
     """Where the data came from: a file's resolved path, or the generated set's name."""
-    path = getattr(cfg, "path", None)
+    path, target = getattr(cfg, "path", None), getattr(cfg, "target", None)
+    if getattr(cfg, "name", None) == "custom":
+        return f"{target} (data._target_)"
     if path:
         return str(Path(path).expanduser().resolve())
     return f"{getattr(cfg, 'name', '?')} (generated)"
 
 
-def data_summary(data: DataSet, source: str, world_size: int, global_batch: int) -> str:
-    """``data: SOURCE: N train / M val rows (each rank: ...), F features, TASK, TARGETS``."""
+def data_summary(data: DataSet, source: str, world_size: int, global_batch: int, standardizer: Any = None) -> str:
+    """``data: SOURCE: N train / M val rows (each rank: ...), F features, TASK, TARGETS[, standardized: ...]``; the
+    targets as the user gave them (before standardisation)."""
+    line = _summary(data, source, world_size, global_batch, standardizer)
+    return line if standardizer is None else f"{line}; {standardizer.describe()}"
+
+
+def _summary(data: DataSet, source: str, world_size: int, global_batch: int, standardizer: Any) -> str:
     train, val = len(data.train), sum(len(split) for split in data.val.values())
     rows = f"{train} train / {val} val rows"
     if world_size > 1:
@@ -29,9 +38,12 @@ def data_summary(data: DataSet, source: str, world_size: int, global_batch: int)
         low, high = min(shares), max(shares)
         val_share = f"{low}" if low == high else f"{low}-{high}"
         rows += f" (each rank: {global_batch // world_size} of every {global_batch}-row batch, {val_share} val rows)"
-    shape = "x".join(map(str, data.train.x.shape[1:]))
-    features = f"{shape} features" if data.train.x.ndim == 2 else f"inputs of shape {shape}"
-    y = data.train.y
+    shape = "x".join(map(str, data.input_shape))
+    features = f"{shape} features" if len(data.input_shape) == 1 else f"inputs of shape {shape}"
+    if not data.in_memory:  # its targets are not scanned: that would read the whole data set before training
+        classes = f", {data.num_classes} classes" if data.task == "classification" else ""
+        return f"data: {source}: {rows}, {features}, {data.task}{classes}, read through a DataLoader"
+    y = data.train.y if standardizer is None else standardizer.untargets(data.train.y.double())
     if data.task == "classification":
         counts = torch.bincount(y.reshape(-1).cpu(), minlength=data.num_classes).tolist()
         targets = f"{data.num_classes} classes (train rows a class: {min(counts)}-{max(counts)})"

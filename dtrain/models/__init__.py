@@ -58,7 +58,8 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 def model_sizes(config: C.Config, data: DataSet) -> ModelSizes:
     """What ``config``'s model is sized by on ``data``: one output per class, except one logit for binary BCE."""
     if data.task == "regression":
-        outputs = data.train.y.shape[1] if data.train.y.ndim > 1 else 1
+        y = data.train.head(1)[1]
+        outputs = y.shape[1] if y.ndim > 1 else 1
     else:
         binary = isinstance(config.loss, C.LossConfig) and config.loss.name == "bce_with_logits"
         outputs = 1 if binary else data.num_classes

@@ -22,8 +22,9 @@ import torch
 from dtrain import dist
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, ConfigError
-from dtrain.data import ShardedBatches, build_dataset, shard_bounds
-from dtrain.data.dataset import DataSet
+from dtrain.data import ShardedBatches, shard_bounds
+from dtrain.data.dataset import DataSet, require_in_memory
+from dtrain.data.registry import build_training_data
 from dtrain.data.summary import data_summary, source_of
 from dtrain.graph import builders
 from dtrain.models import build_initial_model, gradient_source, model_sizes
@@ -171,7 +172,9 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> RunRes
     start, stop = shard_bounds(len(members), env.rank, env.world_size)
     local = members[start:stop]
     dtype = param_dtype(config.trainer.precision)
-    data = build_dataset(config.data, config.seed).to(env.device, dtype)
+    data, standardizer = build_training_data(config.data, config.seed)  # every rank holds every row
+    data = data.to(env.device, dtype)
+    require_in_memory(data, "a population (population.size > 1, and dtrain lr-find)")
     counted = default_metrics(data.task)  # what a population logs per member besides the loss
     if config.metrics is not None and not all(isinstance(m, str) and m in counted for m in config.metrics):
         raise ConfigError(
@@ -198,7 +201,9 @@ def train_population(config: Config, run_dir: Path, env: dist.DistEnv) -> RunRes
         log.info(
             "run directory: %s (population of %d on %d rank(s), %s)", run_dir, len(members), env.world_size, env.device
         )
-        log.info("%s", data_summary(data, source_of(config.data), 1, batches.global_batch))  # every rank has all rows
+        log.info(
+            "%s", data_summary(data, source_of(config.data), 1, batches.global_batch, standardizer)
+        )  # every rank has all rows
     logger = PopulationLogger(run_dir, members, env.is_main, config.trainer.progress)
 
     def report(step: int, values: dict[str, list[float]]) -> None:

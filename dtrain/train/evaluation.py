@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dtrain.data.dataset import DataSet, Split
+from dtrain.data.dataset import AnySplit, DataSet
 from dtrain.data.loader import shard_bounds
 from dtrain.dist import DistEnv, all_reduce_sum
 from dtrain.train.metrics import ValMetrics
@@ -25,7 +25,7 @@ Predict = Callable[[torch.Tensor], torch.Tensor]
 def evaluate(
     model: nn.Module,
     predict: Predict,
-    val: dict[str, Split],
+    val: dict[str, AnySplit],
     loss: Loss,
     metrics: ValMetrics,
     env: DistEnv,
@@ -51,7 +51,8 @@ def evaluate(
             metrics.reset()
             for lo in range(start, max(stop, start + 1), chunk):  # an empty slice still yields zero sums
                 hi = min(lo + chunk, stop)
-                output, target = predict(split.x[lo:hi]), split.y[lo:hi]
+                x, target = split.rows(lo, hi)
+                output = predict(x)
                 for name, value in metric_sums(loss, output, target, metrics.counts_accuracy).items():
                     sums[name] = sums.get(name, 0) + value.to(torch.float64)
                 if hi > lo:
@@ -59,7 +60,7 @@ def evaluate(
             library.update({val_tag(name, suffix): value for name, value in metrics.compute().items()})
             layout.append((suffix, list(sums)))
             parts.extend(sums.values())
-            parts.append(torch.tensor(float(stop - start), dtype=torch.float64, device=split.x.device))
+            parts.append(torch.tensor(float(stop - start), dtype=torch.float64, device=env.device))
     model.train(was_training)
     totals = all_reduce_sum(torch.stack(parts), env).tolist()
     results: dict[str, float] = {}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dtrain.data.dataset import Split
+from dtrain.data.dataset import AnySplit
 from dtrain.errors import ConfigError, first_line
 from dtrain.models.sizes import ModelSizes
 from dtrain.train.objective import Loss
@@ -53,7 +53,7 @@ class ValMetrics:
         """Every metric's name, as logged under ``val/``: the counted accuracy first."""
         return ([COUNTED] if self.counts_accuracy else []) + list(self.library)
 
-    def check(self, val: dict[str, Split], world_size: int, rows: int = 8) -> None:
+    def check(self, val: dict[str, AnySplit], world_size: int, rows: int = 8) -> None:
         """Refuse, before training, a metric that cannot work on this data: each is tried on a copy, unsynced, with
         predictions of the right shape for the first validation rows; and every rank needs rows to update with
         (torchmetrics' classification states cannot gather an empty rank's)."""
@@ -66,9 +66,10 @@ class ValMetrics:
                 "each rank needs at least one (raise data.val_fraction)"
             )
         split = next(iter(val.values()))
-        target = split.y[:rows].cpu()
+        x, target = split.head(rows)
+        target = target.cpu()
         if self.sizes.task == "classification":
-            output = torch.zeros(len(target), 1 if self.loss.binary else self.sizes.num_outputs, dtype=split.x.dtype)
+            output = torch.zeros(len(target), 1 if self.loss.binary else self.sizes.num_outputs, dtype=x.dtype)
         else:
             output = torch.zeros_like(target)
         for name, metric in self.library.items():
@@ -156,7 +157,7 @@ def _build(spec: Any, sizes: ModelSizes, loss: Loss) -> tuple[str, Any]:
 
     from torchmetrics import Metric
 
-    from dtrain.models.user import call_with, import_target
+    from dtrain.user_code import call_with, import_target
 
     args = {k: v for k, v in spec.items() if k not in ("_target_", "name")}
     target = spec["_target_"]

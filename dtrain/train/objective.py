@@ -125,7 +125,7 @@ def build_loss(cfg: LossConfig | UserLossConfig, task: str, num_classes: int = 0
 def _user_loss(cfg: UserLossConfig) -> LossFn:
     """A user's loss: a class (``torch.nn.SmoothL1Loss``) built with the arguments, or a function called with
     them bound after ``(prediction, target)``."""
-    from dtrain.models.user import call_with, import_target, instantiate_args
+    from dtrain.user_code import call_with, import_target, instantiate_args
 
     key = "loss._target_"
     target = import_target(cfg.target, key)
@@ -153,7 +153,7 @@ def check_fit(model: nn.Module, loss: Loss, data: DataSet, sizes: ModelSizes, ro
 
     Evaluation mode and a forked random state: the check changes nothing the run then does.
     """
-    x, y = data.train.x[:rows], data.train.y[:rows]
+    x, y = data.train.head(rows)
     was_training = model.training
     model.eval()
     try:

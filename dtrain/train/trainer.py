@@ -19,7 +19,7 @@ from torch import nn
 
 from dtrain.config import Config
 from dtrain.data.dataset import DataSet
-from dtrain.data.loader import ShardedBatches
+from dtrain.data.loader import BatchPlan
 from dtrain.dist import DistEnv, current_op
 from dtrain.faults import Faults
 from dtrain.optim import build_optimizer, build_scheduler, schedule_length, schedule_moves
@@ -66,7 +66,7 @@ class Trainer:
         self,
         model: nn.Module,
         data: DataSet,
-        batches: ShardedBatches,
+        batches: BatchPlan,
         config: Config,
         env: DistEnv,
         logger: RunLogger,
@@ -163,6 +163,8 @@ class Trainer:
                     faults.after_step(step, lambda: self.preemption.received is not None)
         except StopTraining as stop:
             status, message = stop.status, stop.message
+        finally:
+            self.batches.close()  # a DataLoader's workers end with training, not when the loader is collected
         if status == "completed" and progress.evaluated_at != progress.step:
             self.evaluate()  # resumed from a checkpoint saved before the end's evaluation existed
         self.preemption.finish()

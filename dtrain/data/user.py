@@ -1,0 +1,137 @@
+"""A user's own data set: ``data._target_`` called with the arguments beside it (docs/data.md).
+
+The function (or class) returns one of
+
+* ``(x, y)``: tensors or arrays, split by ``data.val_fraction``; they take the in-memory fast path;
+* ``(x, y, x_val, y_val)``: the same, with the user's own validation rows;
+* a map-style ``Dataset`` of ``(input, target)`` items, split by ``data.val_fraction``;
+* ``(train_dataset, val_dataset)``: read through a DataLoader with ``data.num_workers`` worker processes.
+
+Integer targets mean classification (class indices 0..K-1) unless ``data.task`` says otherwise; a Dataset's
+classes come from its ``classes`` attribute (torchvision's), ``data.num_classes``, or its ``targets``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dtrain.config import UserDataConfig
+from dtrain.data.dataset import DataSet, DatasetSplit, Split, split_dataset, split_train_val
+from dtrain.data.labels import check_labels
+from dtrain.errors import ConfigError
+from dtrain.user_code import call_with, import_target, instantiate_args
+
+KEY = "data._target_"
+FORMS = "(x, y), (x, y, x_val, y_val), a Dataset, or (train_dataset, val_dataset)"
+
+
+def load_user_data(cfg: UserDataConfig, gen: torch.Generator) -> DataSet:
+    """Call the user's function and make a :class:`DataSet` of what it returns, or refuse it in one line."""
+    factory = import_target(cfg.target, KEY)
+    if not callable(factory):
+        raise ConfigError(f"{KEY}={cfg.target!r} is a {type(factory).__name__}, not a function or a class")
+    result = call_with(factory, instantiate_args(cfg.args, KEY), KEY, cfg.target)
+    parts = list(result) if isinstance(result, (tuple, list)) else [result]
+    if all(_is_dataset(p) for p in parts) and len(parts) in (1, 2):
+        return _from_datasets(cfg, parts, gen)
+    if all(_is_array(p) for p in parts) and len(parts) in (2, 4):
+        return _from_tensors(cfg, [torch.as_tensor(p) for p in parts], gen)
+    got = type(result).__name__
+    if isinstance(result, (tuple, list)):
+        got += " of " + ", ".join(type(p).__name__ for p in parts)
+    raise ConfigError(f"{KEY}={cfg.target!r} returned a {got}; it must return {FORMS}")
+
+
+def _is_dataset(obj: Any) -> bool:
+    """A torch ``Dataset``, or anything map-style with ``__getitem__`` and ``__len__`` that is not plain data."""
+    if isinstance(obj, Dataset):
+        return True
+    plain = isinstance(obj, (str, bytes, dict, tuple, list)) or _is_array(obj)
+    return not plain and hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+
+
+def _is_array(obj: Any) -> bool:
+    return isinstance(obj, (torch.Tensor, np.ndarray))
+
+
+def _from_tensors(cfg: UserDataConfig, arrays: list[torch.Tensor], gen: torch.Generator) -> DataSet:
+    """In-memory splits: inputs as float64, targets as class indices or float64 columns."""
+    task = cfg.task or ("classification" if _integer(arrays[1]) else "regression")
+    pairs = [(arrays[i], arrays[i + 1]) for i in range(0, len(arrays), 2)]
+    for i, (xs, ys) in enumerate(pairs):
+        if xs.ndim == 0 or ys.ndim == 0 or xs.shape[0] != ys.shape[0]:
+            which = "x, y" if i == 0 else "x_val, y_val"
+            raise ConfigError(
+                f"{KEY}={cfg.target!r}: {which} must have one row per sample; got shapes "
+                f"{list(xs.shape)} and {list(ys.shape)}"
+            )
+    converted = [(xs.to(torch.float64), _targets(cfg, ys, task)) for xs, ys in pairs]
+    num_classes = 0
+    if task == "classification":
+        labels = torch.cat([ys for _, ys in converted])
+        check_labels(f"{KEY}={cfg.target!r}", labels.numpy())
+        num_classes = int(labels.max()) + 1
+    if len(converted) == 2:
+        train, val = Split(*converted[0]), Split(*converted[1])
+    else:
+        train, val = split_train_val(*converted[0], cfg.val_fraction, gen)
+    return DataSet(train, {"": val}, task=task, num_classes=num_classes)
+
+
+def _integer(y: torch.Tensor) -> bool:
+    return not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+
+
+def _targets(cfg: UserDataConfig, y: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "classification":
+        if y.ndim > 1 and y.shape[1:].numel() != 1:
+            raise ConfigError(f"{KEY}={cfg.target!r}: classification needs one label per row, y has {list(y.shape)}")
+        if y.is_floating_point() and not torch.equal(y, y.round()):
+            raise ConfigError(
+                f"{KEY}={cfg.target!r}: data.task=classification but the targets are not whole numbers "
+                "(class indices 0..K-1)"
+            )
+        return y.reshape(-1).to(torch.long)
+    y = y.to(torch.float64)
+    return y[:, None] if y.ndim == 1 else y
+
+
+def _from_datasets(cfg: UserDataConfig, datasets: list[Any], gen: torch.Generator) -> DataSet:
+    """Splits read through a DataLoader: the task from the first item's target, the classes as the dataset says."""
+    train_set = datasets[0]
+    if len(train_set) == 0:
+        raise ConfigError(f"{KEY}={cfg.target!r} returned an empty Dataset")
+    item = train_set[0]
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise ConfigError(
+            f"{KEY}={cfg.target!r}: the Dataset's items must be (input, target) pairs; item 0 is a "
+            f"{type(item).__name__}"
+        )
+    target = torch.as_tensor(item[1])
+    task = cfg.task or ("classification" if _integer(target) and target.ndim == 0 else "regression")
+    num_classes = _num_classes(cfg, train_set) if task == "classification" else 0
+    if len(datasets) == 2:
+        train, val = DatasetSplit(train_set, task=task), DatasetSplit(datasets[1], task=task)
+    else:
+        train, val = split_dataset(train_set, cfg.val_fraction, gen, task)
+    return DataSet(train, {"": val}, task=task, num_classes=num_classes)
+
+
+def _num_classes(cfg: UserDataConfig, dataset: Any) -> int:
+    """``data.num_classes``, else the Dataset's ``classes`` (torchvision's convention), else its ``targets``."""
+    if cfg.num_classes is not None:
+        return cfg.num_classes
+    if hasattr(dataset, "classes"):
+        return len(dataset.classes)
+    if hasattr(dataset, "targets"):
+        labels = np.asarray(dataset.targets)
+        check_labels(f"{KEY}={cfg.target!r}", labels)
+        return int(labels.max()) + 1
+    raise ConfigError(
+        f"{KEY}={cfg.target!r}: a classification Dataset needs its number of classes: set data.num_classes=K, or "
+        "give the Dataset a `classes` list or a `targets` array"
+    )
