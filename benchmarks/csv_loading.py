@@ -27,6 +27,11 @@ import numpy as np
 # "imported" column gives what the imports alone hold, so that the read's own share can be told.
 READERS = {
     "dtrain": ("from dtrain.data.files import _read_csv_table as read; import pandas", "x = read(PATH)"),
+    # What data=file does before training: read, check, split into train/val, standardise (float64 tensors).
+    "dtrain data=file": (
+        "from dtrain.config import FileDataConfig; from dtrain.data.registry import build_training_data; import pandas",
+        "data, _ = build_training_data(FileDataConfig(path=str(PATH)), 0); x = data.train.x",
+    ),
     "python csv (before)": ("from dtrain.data.files import _read_csv_slowly as read", "x = read(PATH, ',')"),
     "numpy.loadtxt": ("import numpy as np", "x = np.loadtxt(PATH, delimiter=',', skiprows=1)"),
     "pandas.read_csv": ("import pandas as pd", "x = pd.read_csv(PATH).to_numpy()"),
@@ -62,7 +67,7 @@ def write_csv(path: Path, rows: int, features: int, seed: int = 0) -> None:
 
 
 def available(name: str) -> bool:
-    """pyarrow is not one of dtrain's dependencies: its row only where it is installed."""
+    """pyarrow (a dependency since Parquet, but kept optional here): its row only where it is installed."""
     if not name.startswith("pyarrow"):
         return True
     return subprocess.run([sys.executable, "-c", "import pyarrow"], capture_output=True).returncode == 0

@@ -5,10 +5,14 @@ Two cases, each trained by dtrain's real command line and by loops written by ha
 ``mlp``
     An MLP with hidden layers [64, 64] on ``poly1d`` (5000 points, 4000 for training), lr 0.01, a global
     batch of 256 (``--steps``, default 300, optimizer steps). dtrain logs and evaluates once, at the end
-    (``trainer.log_every`` larger than the run, ``trainer.eval_every`` equal to it). Three variants:
+    (``trainer.log_every`` larger than the run, ``trainer.eval_every`` equal to it). Four variants:
 
     ``dtrain``
         ``python -m dtrain model=mlp data=poly1d ...``.
+    ``dtrain-dataloader``
+        The same rows as ``Dataset``s (``data._target_=benchmarks.ddp_throughput.poly1d_datasets``), which dtrain
+        reads through its DataLoader path (``data.num_workers=0``, as the hand-written DataLoader loop): the same
+        batches, so it ends with dtrain's weights.
     ``dataloader``
         The pytorch/examples way: ``TensorDataset`` + ``DataLoader`` + ``DistributedSampler``
         (``set_epoch`` every epoch) and an ``nn.Sequential`` MLP of the same shape. Its sampler seeds each
@@ -92,7 +96,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 REPO = Path(__file__).resolve().parent.parent
 CASES = ("mlp", "polynomial")
-VARIANTS = {"mlp": ("dtrain", "dataloader", "in-memory"), "polynomial": ("dtrain", "full-batch")}
+VARIANTS = {"mlp": ("dtrain", "dtrain-dataloader", "dataloader", "in-memory"), "polynomial": ("dtrain", "full-batch")}
+DTRAIN_VARIANTS = ("dtrain", "dtrain-dataloader")  # trained by dtrain's command line
 BARE = {"mlp": "in-memory", "polynomial": "full-batch"}  # the bare loop each case's dtrain is compared with
 TARGETS = {("mlp", 1): 0.97, ("mlp", 2): 0.95, ("polynomial", 1): 0.95, ("polynomial", 2): 0.90}
 WORKERS = ("dataloader", "in-memory", "full-batch")
@@ -148,6 +153,15 @@ def load_data(settings: Settings) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     data = build_dataset(Poly1dConfig(num_points=settings.num_points), settings.seed)
     train, val = data.train, data.val[""]
     return train.x.float(), train.y.float(), val.x.float(), val.y.float()
+
+
+def poly1d_datasets(num_points: int, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """dtrain's poly1d rows (its own split) as two Datasets: what the ``dtrain-dataloader`` variant trains on."""
+    from dtrain.config import Poly1dConfig
+    from dtrain.data import build_dataset
+
+    data = build_dataset(Poly1dConfig(num_points=num_points), seed)
+    return TensorDataset(data.train.x, data.train.y), TensorDataset(data.val[""].x, data.val[""].y)
 
 
 def load_poly2d(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -344,15 +358,21 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def dtrain_command(world_size: int, settings: Settings, run_dir: Path) -> list[str]:
-    """The dtrain command line of the mlp case (logging and progress out of the way, one evaluation)."""
+def dtrain_command(world_size: int, settings: Settings, run_dir: Path, datasets: bool = False) -> list[str]:
+    """The dtrain command line of the mlp case (logging and progress out of the way, one evaluation); with
+    ``datasets``, its rows come as Datasets and take dtrain's DataLoader path."""
+    if datasets:
+        module = __name__ if __name__ != "__main__" else "benchmarks.ddp_throughput"
+        data = [f"data._target_={module}.poly1d_datasets", f"data.seed={settings.seed}"]
+    else:
+        data = ["data=poly1d"]
     return [
         *launcher(world_size),
         "-m",
         "dtrain",
         "model=mlp",
         f"model.hidden=[{','.join(map(str, settings.hidden))}]",
-        "data=poly1d",
+        *data,
         f"data.num_points={settings.num_points}",
         "optim=sgd",
         f"optim.lr={settings.lr}",
@@ -439,7 +459,7 @@ def read_result(variant: str, world_size: int, steps: int, batch: int, out: Path
 
     ms a step is the training time (dtrain's: without evaluation) over the steps: the global batch over samples/s.
     """
-    if variant != "dtrain":
+    if variant not in DTRAIN_VARIANTS:
         result = json.loads((out / "result.json").read_text())
         result["weights"] = load_weights(out / "weights.pt")
     else:
@@ -472,7 +492,9 @@ def run_once(
         if quiet:
             wait_until_quiet()
         out = Path(tempfile.mkdtemp(dir=scratch, prefix=f"{case}-{variant}-{world_size}-"))
-        if variant == "dtrain" and case == "mlp":
+        if variant == "dtrain-dataloader":
+            command = dtrain_command(world_size, settings, out / "run", datasets=True)
+        elif variant == "dtrain" and case == "mlp":
             command = dtrain_command(world_size, settings, out / "run")
         elif variant == "dtrain":
             command = poly_dtrain_command(world_size, poly, out / "run")

@@ -62,6 +62,7 @@ def fail(message: str, code: int, quiet: bool = False, said: bool = False) -> No
         print(f"dtrain: error: {message}", file=sys.stderr, flush=True)
     else:
         let_rank0_speak(said)
+    launch_env.tell_torchrun(f"dtrain: error: {message}")  # the last line of torchrun's own failure summary
     sys.exit(code)
 
 

@@ -38,6 +38,7 @@ FORMAT = 1  # bumped when the state's layout changes
 DIR_NAME = "checkpoints"
 POINTER = "latest"
 # Config keys that do not shape the trajectory: they may differ freely between a checkpoint and its resume.
+FINGERPRINT = "data.fingerprint"  # not a config key: run.py adds it to the config the checkpoint keeps
 FREE_ON_RESUME = (
     "trainer.log_every",
     "trainer.eval_every",
@@ -215,10 +216,13 @@ def config_changes(
     Raises :class:`CheckpointError` naming the first difference that is not allowed, and saying whether
     ``checkpoint.allow_changes`` could allow it.
     """
-    # A key added to the config since the checkpoint was written counts as its default there.
+    # A key added to the config since the checkpoint was written counts as its default there; the data's
+    # fingerprint, which checkpoints before it do not have, is compared only where the checkpoint has one.
     new = _flatten(current)
     defaults = {k: v for k, v in _flatten(to_plain(Config())).items() if k in new}
     old = defaults | _flatten(saved)
+    if FINGERPRINT not in old:
+        new.pop(FINGERPRINT, None)
     differences = [
         (k, old.get(k, "<absent>"), new.get(k, "<absent>"))
         for k in sorted(set(old) | set(new))
@@ -232,6 +236,8 @@ def config_changes(
             changes.append(key)
             continue
         what = f"checkpoint {path} does not match this run: {key} was {was!r}, now {now!r}"
+        if key == FINGERPRINT:
+            what = f"checkpoint {path} was saved training on other data: then {was}; now {now}"
         if _under(key, CHANGEABLE_ON_RESUME):
             short = next(p for p in CHANGEABLE_ON_RESUME if _under(key, (p,)))
             raise CheckpointError(f"{what}; to resume with the new value add checkpoint.allow_changes=[{short}]")

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
@@ -273,6 +274,7 @@ class FileDataConfig:
     val_fraction: float = 0.2
     num_workers: int = 0  # DataLoader worker processes for memory-mapped .npy (tables are held in memory)
     standardize: Any = True  # true: inputs and a regression's target | features: inputs only | false
+    labels: str = "indices"  # classification: indices (the labels are 0..K-1) | remap (any values, renumbered)
 
     def check(self) -> None:
         """The file itself is opened (and a missing one reported) when the dataset is built."""
@@ -286,6 +288,7 @@ class FileDataConfig:
         )
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _standardize_choice(self.standardize)
+        _one_of("data.labels", self.labels, ("indices", "remap"))
 
 
 def _standardize_choice(value: Any) -> None:
@@ -474,6 +477,7 @@ class DistConfig:
 # size, precision, optimizer kind) must match; settings that do not (logging, devices, timeouts) may always.
 CHANGEABLE_ON_RESUME = (
     "world_size",
+    "data.fingerprint",  # the data file changed since the checkpoint (dtrain.data.fingerprint)
     "optim.lr",
     "optim.momentum",
     "optim.weight_decay",
@@ -699,6 +703,9 @@ def load(cfg: DictConfig) -> Config:
     if missing:
         raise ConfigError(f"config is missing section(s): {', '.join(missing)}")
     config = Config(**sections)
+    if isinstance(config.data, FileDataConfig) and config.data.path not in ("???", ""):
+        # Stored resolved: a report, predict or resume from another directory finds the same file.
+        config.data.path = str(Path(config.data.path).expanduser().resolve())
     check(config)
     return config
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import re
 import time
@@ -193,3 +194,17 @@ def _process_start_time(pid: int) -> float | None:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+def tell_torchrun(message: str) -> None:
+    """Leave ``message`` where torchrun looks for a failed worker's story: the error file it names in
+    ``TORCHELASTIC_ERROR_FILE`` (``torch.distributed.elastic.multiprocessing.errors``). torchrun ends its
+    failure summary with the first failed worker's message (``traceback : ...``), so a user error is the last
+    line a user reads rather than a line lost above torchrun's own traceback. No-op outside torchrun."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": message, "timestamp": int(time.time())}
+    # A torchrun that cannot read it falls back to its own summary.
+    with contextlib.suppress(OSError), open(path, "w") as handle:
+        json.dump(record, handle)

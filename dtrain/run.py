@@ -7,17 +7,20 @@ Each arrow is a plain call with explicit inputs. Only rank 0 writes to the run d
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dtrain import dist
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, as_yaml, to_plain
 from dtrain.data.dataloader import build_batches
+from dtrain.data.fingerprint import data_fingerprint
 from dtrain.data.registry import build_training_data
 from dtrain.data.summary import data_summary, source_of
 from dtrain.errors import PeerFailure, RankLocalError, UserError, first_line
@@ -75,6 +78,13 @@ def train(config: Config, run_dir: Path) -> RunResult:
         dist.teardown(env)
 
 
+def split_file(rows: dict[str, torch.Tensor]) -> bytes:
+    """``split.npz``: the row numbers (0-based, in the source's order) of the training and the validation split."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: part.cpu().numpy() for name, part in rows.items()})
+    return buffer.getvalue()
+
+
 def say_once(exc: UserError, env: dist.DistEnv) -> None:
     """A mistake every rank found alike: rank 0 says it now and the others wait for that before they exit, since
     torchrun stops every worker at the first exit and could cut rank 0 off before it speaks. ``exc.said`` tells
@@ -93,7 +103,10 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     reduce = lambda t: dist.all_reduce_sum(t.to(env.device), env).cpu()  # noqa: E731 (the statistics' sums)
     data, standardizer = build_training_data(config.data, config.seed, env.rank, env.world_size, reduce)
     data = data.to(env.device, dtype)
-    preprocessing = standardizer.state() if standardizer is not None else None
+    preprocessing = standardizer.state() if standardizer is not None else {}
+    if data.classes is not None:  # data.labels=remap: the label each class index stands for, for predictions
+        preprocessing["classes"] = data.classes
+    preprocessing = preprocessing or None
     sizes = model_sizes(config, data)
     loss = build_loss(config.loss, data.task, data.num_classes)
     metrics = ValMetrics(config.metrics, sizes, loss)
@@ -112,6 +125,10 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     )
     torch.manual_seed(config.seed + 1 + env.rank)  # per-rank stream for dropout
     plain = to_plain(config)
+    # Rank 0's view of the data files, so that ranks on nodes with their own copies agree on one.
+    fingerprint = dist.broadcast_str(data_fingerprint(config.data) or "" if env.is_main else "", env)
+    if fingerprint:
+        plain["data"]["fingerprint"] = fingerprint  # kept in the checkpoints, compared on resume
     resumed = prepare_resume(config.resume, run_dir, config.checkpoint, plain, env)
 
     # Every check of the user's input has passed: only now is the run directory touched.
@@ -120,6 +137,8 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     if env.is_main:
         log.info("run directory: %s (world size %d, %s)", run_dir, env.world_size, env.device)
         log.info("%s", summary_line)
+        if resumed is None and (rows := data.source_rows()) is not None:
+            write_atomic(run_dir / "split.npz", split_file(rows))
     else:
         log_to_rank_file(run_dir, env.rank)
         log.info("rank %d of %d on %s, run directory %s", env.rank, env.world_size, env.device, run_dir)
@@ -144,6 +163,7 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
             )  # fmt: skip
             result = trainer.fit()
         summary = results_summary(result, env.world_size, trainer.progress if trainer.watch.active else None)
+        summary["data"] = summary_line  # for dtrain report
         logger.hparams(flat_hparams(config), hparam_metrics(summary))
     finally:
         logger.close()

@@ -81,4 +81,9 @@ def test_a_malformed_data_file(tmp_path: Path) -> None:
 @pytest.mark.multiprocess
 def test_a_mistake_under_torchrun_is_said_once(tmp_path: Path) -> None:
     run = run_into_existing_dir(tmp_path, "trainer.device=cpu", "trainer.batch_size=33", nproc=2)
-    assert_one_line_error(run, "trainer.batch_size=33 is not divisible by world_size x grad_accum_steps = 2 x 1", 2)
+    message = "trainer.batch_size=33 is not divisible by world_size x grad_accum_steps = 2 x 1"
+    assert_one_line_error(run, message, 2)
+    # torchrun's own failure summary (its traceback, then the failed workers) ends with dtrain's line, read from
+    # the worker's error file: the last line before the summary's closing border, where a user looks first.
+    last = [line for line in run.stderr.strip().splitlines() if line.strip()][-2]
+    assert last.strip().startswith(f"traceback : dtrain: error: {message}"), run.stderr[-2000:]

@@ -171,17 +171,14 @@ def test_a_hanging_rank_times_out_with_the_rank_and_operation_named(tmp_path: Pa
     assert time.monotonic() - began < 120  # the 5 s timeout, start-up and torchrun's shutdown; not forever
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_a_nan_on_one_rank_stops_or_skips_on_both(tmp_path: Path, policy: str) -> None:
-    short = (*RUN, "trainer.max_epochs=2", f"trainer.on_nonfinite={policy}", "fault.kind=nan", "fault.rank=1")
+# on_nonfinite=skip needs the ranks to agree before the optimizer step: a NaN on rank 1 alone is skipped by
+# both. (on_nonfinite=stop reads the logged loss, reduced across ranks like every metric: test_resume.py and
+# test_presets.py stop a run in one process.)
+def test_a_nan_on_one_rank_is_skipped_by_both(tmp_path: Path) -> None:
+    short = (*RUN, "trainer.max_epochs=2", "trainer.on_nonfinite=skip", "fault.kind=nan", "fault.rank=1")
     run = run_dtrain(tmp_path, *short, "fault.step=5", nproc=2)
-    if policy == "stop":
-        assert run.returncode != 0
-        assert "training diverged: non-finite loss or gradient between steps 1 and 10" in run.stderr
-        assert run.metrics["status"] == "diverged"
-    else:
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert run.metrics["train/skipped_steps"] == 1.0 and run.metrics["status"] == "completed"
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.metrics["train/skipped_steps"] == 1.0 and run.metrics["status"] == "completed"
 
 
 def test_two_standalone_jobs_on_one_host_do_not_collide(tmp_path: Path) -> None:

@@ -101,6 +101,8 @@ def test_one_run_writes_report_html_into_its_directory(runs, capsys) -> None:
     text = (run_dir / "report.html").read_text(encoding="utf-8")
     assert "seed_good · train/loss" in trace_names(text)
     assert "Hyperparameters that differ" not in text  # nothing to compare with
+    # What the run trained on, as its start-up summary said it.
+    assert "<h2>Data</h2>" in text and "<li>seed_good: data: poly2d (generated): 900 train / 0 val rows" in text
     assert (run_dir / "fig.png").read_bytes()[:8] == PNG_MAGIC
     assert (run_dir / "fig-seed_good-surface.png").is_file()
     assert f"report: {run_dir / 'report.html'}" in capsys.readouterr().out

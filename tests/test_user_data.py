@@ -3,6 +3,7 @@ path, Datasets through a DataLoader, and every promise the in-memory path makes 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,12 @@ def test_the_users_own_validation_rows_and_classes(tmp_path: Path) -> None:
     run = assert_ok(run_dtrain(tmp_path / "images", *images, "trainer.batch_size=16", "data.num_workers=1"))
     assert "inputs of shape 1x6x6, classification, 2 classes, read through a DataLoader" in run.stdout
     assert run.metrics["val/accuracy"] > 0.9
+    # Two features, regression, figures on: the model's surface is drawn for data in memory only, not for a
+    # Dataset (drawing its points would read it whole); the run goes on without it.
+    drawn = assert_ok(
+        run_dtrain(tmp_path / "drawn", f"{DATA}.dataset", "data.features=2", "trainer.figures=true", *args)
+    )
+    assert not (drawn.run_dir / "figures").exists() and drawn.metrics["status"] == "completed"
 
 
 def test_a_crash_mid_epoch_on_the_dataloader_path_resumes_exactly(tmp_path: Path) -> None:
@@ -58,18 +65,6 @@ def test_a_crash_mid_epoch_on_the_dataloader_path_resumes_exactly(tmp_path: Path
     assert "resumed from" in resumed.stdout and "step 15" in resumed.stdout
     assert_same_state(state(resumed.run_dir), state(whole.run_dir))
     assert resumed.metrics["val/loss"] == whole.metrics["val/loss"]
-
-
-@pytest.mark.multiprocess
-def test_two_ranks_on_the_dataloader_path_equal_one(tmp_path: Path) -> None:
-    # Each rank reads only its half of each global batch, through its own worker; the same global batch, so the
-    # same weights as one process, and validation reduced across the ranks' disjoint rows.
-    args = (f"{DATA}.dataset", "data.num_workers=1", *TRAIN, "trainer.max_steps=25")
-    one = assert_ok(run_dtrain(tmp_path / "one", *args))
-    two = assert_ok(run_dtrain(tmp_path / "two", *args, nproc=2))
-    assert_same_state(state(two.run_dir), state(one.run_dir), tol=1e-10)
-    assert two.metrics["val/loss"] == pytest.approx(one.metrics["val/loss"], abs=1e-12)
-    assert "each rank: 8 of every 16-row batch, 20 val rows" in two.stdout
 
 
 @pytest.mark.parametrize(
@@ -173,3 +168,44 @@ def test_two_ranks_read_memory_mapped_arrays_and_agree_on_the_statistics(tmp_pat
         torch.testing.assert_close(stats[1][name], value, rtol=1e-12, atol=0)
     assert two.metrics["val/loss"] == pytest.approx(one.metrics["val/loss"], abs=1e-12)
     assert "320 train / 80 val rows" in two.stdout and "each rank: 8 of every 16-row batch" in two.stdout
+
+
+def test_the_split_is_saved_the_path_resolved_and_changed_data_not_resumed(tmp_path: Path) -> None:
+    from dtrain.data.dataset import split_rows
+
+    write_table(tmp_path / "prices.csv", rows=100)
+    relative = os.path.relpath(tmp_path / "prices.csv")  # as a user types it, from where they stand
+    args = ("data=file", f"data.path={relative}", "data.target=price", *TRAIN, "trainer.max_steps=10")
+    run = assert_ok(run_dtrain(tmp_path / "run", *args))
+    # Resolved in config.yaml: predict, report or resume from another directory find the same file.
+    assert f"path: {tmp_path / 'prices.csv'}" in (run.run_dir / "config.yaml").read_text()
+    # The split, as the source's row numbers: validation can be reproduced outside dtrain.
+    with np.load(run.run_dir / "split.npz") as split:
+        _, val = split_rows(100, 0.2, torch.Generator().manual_seed(0))
+        np.testing.assert_array_equal(split["val"], val.numpy())
+        assert sorted([*split["train"], *split["val"]]) == list(range(100))
+    # The file changes under the run: resuming it is refused, by name, until the user says the change is meant.
+    write_table(tmp_path / "prices.csv", rows=101)
+    refused = run_dtrain(tmp_path / "run", *args)
+    assert refused.returncode == 2, refused.stderr
+    assert "was saved training on other data: then " in refused.stderr and "prices.csv: " in refused.stderr
+    assert "checkpoint.allow_changes=[data.fingerprint]" in refused.stderr
+    resumed = assert_ok(run_dtrain(tmp_path / "run", *args, "checkpoint.allow_changes=[data.fingerprint]"))
+    assert "(changed: data.fingerprint)" in resumed.stdout
+
+
+def test_labels_of_any_values_are_renumbered_when_asked_and_predicted_back(tmp_path: Path) -> None:
+    gen = np.random.default_rng(2)
+    x = gen.standard_normal((120, 2))
+    labels = np.array([3, 7, 9])[(x[:, 0] > -0.4).astype(int) + (x[:, 0] > 0.4).astype(int)]
+    path = tmp_path / "grades.csv"
+    path.write_text("a,b,grade\n" + "".join(f"{a:.17g},{b:.17g},{g}\n" for (a, b), g in zip(x, labels, strict=True)))
+    args = ("data=file", f"data.path={path}", "data.target=grade", "data.task=classification", *TRAIN)
+    refused = run_dtrain(tmp_path / "refused", *args)
+    one_line_refusal(refused, "labels 3, 7, 9 (3 classes)", "renumber them, or add data.labels=remap")
+    run = assert_ok(run_dtrain(tmp_path / "run", *args, "data.labels=remap", "trainer.max_steps=200", "optim.lr=0.05"))
+    assert "3 classes" in run.stdout and run.metrics["val/accuracy"] > 0.8
+    code, _, err = main_in_process("predict", str(run.run_dir), "--out", str(tmp_path / "p.csv"))
+    assert code == 0, err
+    predicted = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)[:, 0]
+    assert set(predicted.tolist()) <= {3.0, 7.0, 9.0} and np.mean(predicted == labels) > 0.8

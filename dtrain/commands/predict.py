@@ -4,7 +4,8 @@ The run's own ``config.yaml`` says where its data came from; ``data.*`` override
 (``data.path=new.csv``). For a file, every row is predicted (a target column, if there, is left out); for a
 generated data set, its validation split. Under torchrun each rank predicts its share of the rows and rank 0
 writes them all, in order. Classification writes each row's class and every class's probability; regression
-its predicted value(s).
+its predicted value(s). A model trained on standardised data predicts in the data's own units, and one trained
+with ``data.labels=remap`` gives the file's own labels.
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def predict_rows(trained: TrainedModel, x: torch.Tensor, chunk: int = 4096) -> d
     output = torch.cat(outputs) if outputs else torch.empty(0, trained.sizes.num_outputs)
     if trained.task == "classification":
         probabilities = trained.loss.probabilities(output)
-        return {"class": probabilities.argmax(dim=1).numpy(), "probabilities": probabilities.numpy()}
+        index = probabilities.argmax(dim=1).numpy()
+        labels = (trained.record.get("preprocessing") or {}).get("classes")  # data.labels=remap's labels
+        return {"class": index if labels is None else np.asarray(labels)[index], "probabilities": probabilities.numpy()}
     return {"prediction": output.reshape(len(output), -1).numpy()}
 
 
@@ -94,8 +97,8 @@ def file_bytes(columns: dict[str, np.ndarray], suffix: str) -> bytes:
             names += [f"{'prob' if name == 'probabilities' else name}_{k}" for k in range(block.shape[1])]
         blocks.append(block)
     table = np.concatenate(blocks, axis=1)
-    # %.17g round-trips every float64; the class is an integer.
-    formats = ["%d" if name == "class" else "%.17g" for name in names]
+    # %.17g round-trips every float64, and writes a whole-number class as an integer.
+    formats = ["%.17g"] * len(names)
     text = io.StringIO()
     np.savetxt(text, table, delimiter=",", header=",".join(names), comments="", fmt=formats)
     return text.getvalue().encode()

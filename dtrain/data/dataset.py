@@ -20,17 +20,19 @@ from dtrain.errors import ConfigError
 
 @dataclass
 class Split:
-    """Inputs ``x`` of shape [N, inputs] and targets ``y``: [N, 1] floats, or [N] class indices."""
+    """Inputs ``x`` of shape [N, inputs] and targets ``y``: [N, 1] floats, or [N] class indices; ``indices``: which
+    rows of the source (a file, the user's tensors) these are, where it has rows of its own."""
 
     x: torch.Tensor
     y: torch.Tensor
+    indices: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Split:
         y = self.y.to(device) if self.y.dtype == torch.long else self.y.to(device, dtype)
-        return Split(self.x.to(device, dtype), y)
+        return Split(self.x.to(device, dtype), y, self.indices)
 
     def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets of rows ``lo..hi-1``: views, no copy."""
@@ -131,10 +133,18 @@ class DataSet:
     task: str  # regression | classification
     num_classes: int = 0
     extras: dict[str, object] = field(default_factory=dict)  # e.g. the true coefficients
+    classes: list[float] | None = None  # the label each class index stands for, where data.labels=remap renumbered
 
     def __post_init__(self) -> None:
         # val_fraction=0 leaves an empty split: no validation then, rather than a mean over nothing.
         self.val = {name: split for name, split in self.val.items() if len(split) > 0}
+
+    def source_rows(self) -> dict[str, torch.Tensor] | None:
+        """The source's row numbers of the training and the validation split, where the split was dtrain's:
+        ``split.npz`` in the run directory, so validation can be reproduced outside dtrain."""
+        splits = {"train": self.train} | ({"val": self.val[""]} if "" in self.val else {})
+        rows = {name: split.indices for name, split in splits.items()}
+        return rows if all(r is not None for r in rows.values()) else None
 
     @property
     def in_memory(self) -> bool:
@@ -162,6 +172,7 @@ class DataSet:
             task=self.task,
             num_classes=self.num_classes,
             extras=self.extras,
+            classes=self.classes,
         )
 
 
@@ -185,7 +196,7 @@ def split_rows(num: int, val_fraction: float, gen: torch.Generator) -> tuple[tor
 def split_train_val(x: torch.Tensor, y: torch.Tensor, val_fraction: float, gen: torch.Generator) -> tuple[Split, Split]:
     """Shuffle once with ``gen`` and hold out ``val_fraction`` of the points for validation."""
     train_idx, val_idx = split_rows(x.shape[0], val_fraction, gen)
-    return Split(x[train_idx], y[train_idx]), Split(x[val_idx], y[val_idx])
+    return Split(x[train_idx], y[train_idx], train_idx), Split(x[val_idx], y[val_idx], val_idx)
 
 
 def split_dataset(

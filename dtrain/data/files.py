@@ -21,7 +21,7 @@ import torch
 
 from dtrain import config as C
 from dtrain.data.dataset import DataSet, split_dataset, split_train_val
-from dtrain.data.labels import check_labels
+from dtrain.data.labels import check_labels, remap_labels
 from dtrain.data.npy import MemmapRows, npy_paths, open_array
 from dtrain.errors import UserError, first_line
 from dtrain.launch_env import rank
@@ -50,13 +50,13 @@ def load(cfg: C.FileDataConfig, gen: torch.Generator) -> DataSet:
     xt = torch.as_tensor(x, dtype=torch.float64)
     if y.ndim > 1 and y.shape[1:] != (1,) * (y.ndim - 1):
         raise UserError(f"data.path={cfg.path!r}: needs one target a row, y has shape {y.shape}")
-    task, num_classes = _task(cfg, y.reshape(-1))
+    task, num_classes, labels, classes = _task(cfg, y.reshape(-1))
     if task == "classification":
-        yt = torch.as_tensor(y.reshape(-1), dtype=torch.long)
+        yt = torch.as_tensor(labels, dtype=torch.long)
     else:
         yt = torch.as_tensor(y.reshape(-1, 1), dtype=torch.float64)
     train, val = split_train_val(xt, yt, cfg.val_fraction, gen)
-    return DataSet(train, {"": val}, task=task, num_classes=num_classes)
+    return DataSet(train, {"": val}, task=task, num_classes=num_classes, classes=classes)
 
 
 FORMATS = ".csv, .csv.gz, .parquet, .npz or .npy"
@@ -88,24 +88,29 @@ def _load_memmapped(cfg: C.FileDataConfig, x_path: Path, y_path: Path, gen: torc
         raise UserError(f"{x_path}: inputs must be a non-empty [N, features...] array, got shape {x.shape}")
     if y.shape[0] != x.shape[0] or (y.ndim > 1 and y.shape[1:] != (1,)):
         raise UserError(f"{y_path}: needs one target a row for the {x.shape[0]} rows of x.npy, got shape {y.shape}")
-    rows = MemmapRows(x, y)
-    targets = rows.targets().reshape(-1)
+    targets = np.asarray(y).reshape(-1)  # one value a row: small beside the inputs, read whole for the checks
     if not np.isfinite(targets).all():
         raise UserError(f"{y_path}: contains NaN or infinite values")
-    task, num_classes = _task(cfg, targets)
+    task, num_classes, labels, classes = _task(cfg, targets)
+    rows = MemmapRows(x, labels if classes is not None else y)  # renumbered labels are held in memory
     train, val = split_dataset(rows, cfg.val_fraction, gen, task)
-    return DataSet(train, {"": val}, task=task, num_classes=num_classes)
+    return DataSet(train, {"": val}, task=task, num_classes=num_classes, classes=classes)
 
 
-def _task(cfg: C.FileDataConfig, targets: np.ndarray) -> tuple[str, int]:
-    """The task (``data.task``, else regression with a warning where the targets look like classes) and the
-    number of classes, the labels checked."""
+def _task(cfg: C.FileDataConfig, targets: np.ndarray) -> tuple[str, int, np.ndarray, list[float] | None]:
+    """The task (``data.task``, else regression with a warning where the targets look like classes), the number of
+    classes, the targets as class indices (renumbered where ``data.labels=remap``, the labels checked) and the
+    value each renumbered class stands for (None where the file's labels are the indices)."""
     if cfg.task == "classification":
-        check_labels(f"data.path={cfg.path!r}", targets)
-        return "classification", int(targets.max()) + 1
+        classes = None
+        if cfg.labels == "remap":
+            targets, values = remap_labels(targets)
+            classes = values.tolist()
+        check_labels(f"data.path={cfg.path!r}", targets, remap_hint="data.labels=remap")
+        return "classification", int(targets.max()) + 1, targets.astype(np.int64), classes
     if cfg.task is None and rank() == 0:
         _warn_if_classes(cfg.path, targets)
-    return "regression", 0
+    return "regression", 0, targets, None
 
 
 def _warn_if_classes(where: str, target: np.ndarray) -> None:

@@ -11,8 +11,16 @@ from dtrain.errors import UserError
 MANY_CLASSES, FEW_ROWS_PER_CLASS = 10, 5
 
 
-def check_labels(where: str, labels: np.ndarray) -> None:
-    """Class labels must be the indices 0..K-1, each used, with fewer classes than makes sense for the rows."""
+def remap_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of any values (``[3, 7, 7, 9]``) as class indices in sorted order (``[0, 1, 1, 2]``), and the values
+    each index stands for (``[3, 7, 9]``), which predictions map back to."""
+    classes, indices = np.unique(labels, return_inverse=True)
+    return indices.reshape(labels.shape), classes
+
+
+def check_labels(where: str, labels: np.ndarray, remap_hint: str = "") -> None:
+    """Class labels must be the indices 0..K-1, each used, with fewer classes than makes sense for the rows.
+    ``remap_hint``: how this source can renumber them instead (``data.labels=remap`` for files)."""
     if not np.all(labels == np.round(labels)):
         raise UserError(
             f"{where}: classification targets must be class indices 0..K-1, and some are not whole "
@@ -29,6 +37,7 @@ def check_labels(where: str, labels: np.ndarray) -> None:
     if found[0] != 0 or found[-1] != k - 1:
         shown = f"{found[0]}..{found[-1]}" if found[-1] - found[0] == k - 1 else ", ".join(map(str, found[:6]))
         fix = f"subtract {found[0]} from every label" if found[-1] - found[0] == k - 1 else "renumber them"
+        fix += f", or add {remap_hint}" if remap_hint else ""
         raise UserError(
             f"{where}: labels {shown} ({k} classes); dtrain expects class indices 0..K-1, here 0..{k - 1}: {fix}"
         )

@@ -55,14 +55,10 @@ class MemmapRows:
         rows = np.asarray(rows, dtype=np.int64)
         return torch.from_numpy(self.x[rows]), torch.from_numpy(self.y[rows])
 
-    def targets(self) -> np.ndarray:
-        """Every target, read once (one value a row: small beside the inputs)."""
-        return np.asarray(self.y)
-
     def __reduce__(self) -> tuple[Any, ...]:
-        # A worker started by spawn (not fork) maps the files again rather than receiving a copy of the rows.
-        return (_reopen, (self.x.filename, self.y.filename))
+        # A worker started by spawn (not fork) maps the file again rather than receiving a copy of the rows.
+        return (_reopen, (self.x.filename, self.y))
 
 
-def _reopen(x_path: str, y_path: str) -> MemmapRows:
-    return MemmapRows(np.load(x_path, mmap_mode="r"), np.load(y_path, mmap_mode="r"))
+def _reopen(x_path: str, y: np.ndarray) -> MemmapRows:
+    return MemmapRows(np.load(x_path, mmap_mode="r"), y)

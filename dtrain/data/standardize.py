@@ -72,7 +72,8 @@ class Standardizer:
     def _split(self, split: AnySplit) -> AnySplit:
         if isinstance(split, DatasetSplit):
             return split.with_transform(self)
-        return Split(self.inputs(split.x), self.targets(split.y) if split.y.is_floating_point() else split.y)
+        y = self.targets(split.y) if split.y.is_floating_point() else split.y
+        return Split(self.inputs(split.x), y, split.indices)
 
 
 def fit_standardizer(

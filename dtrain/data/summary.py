@@ -43,7 +43,9 @@ def _summary(data: DataSet, source: str, world_size: int, global_batch: int, sta
     if not data.in_memory:  # its targets are not scanned: that would read the whole data set before training
         classes = f", {data.num_classes} classes" if data.task == "classification" else ""
         return f"data: {source}: {rows}, {features}, {data.task}{classes}, read through a DataLoader"
-    y = data.train.y if standardizer is None else standardizer.untargets(data.train.y.double())
+    y = data.train.y
+    if standardizer is not None and data.task == "regression":
+        y = standardizer.untargets(y.double())  # in the user's units
     if data.task == "classification":
         counts = torch.bincount(y.reshape(-1).cpu(), minlength=data.num_classes).tolist()
         targets = f"{data.num_classes} classes (train rows a class: {min(counts)}-{max(counts)})"

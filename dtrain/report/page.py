@@ -67,6 +67,14 @@ def build_html(runs: list[RunData], models: list[RunModel]) -> str:
         '<div class="grid">' + "".join(f'<div class="cell">{c}</div>' for c in curves) + "</div>",
         "<h2>Models</h2>",
         '<div class="grid">' + "".join(model_cells) + "</div>",
+        "<h2>Data</h2>",
+        "<ul>"
+        + "".join(
+            f"<li>{html.escape(r.name)}: {html.escape(str(r.metrics['data']))}</li>"
+            for r in runs
+            if r.metrics.get("data")
+        )
+        + "</ul>",
         "<h2>Configs</h2>",
         *(
             f"<details><summary>{html.escape(r.name)}: {html.escape(str(r.path / 'config.yaml'))}</summary>"

@@ -50,9 +50,10 @@ def model_figures(predict: Predict, data: DataSet) -> dict[str, Figure]:
 
     Returns ``{"figures/surface": ...}`` for 2-input regression, ``{"figures/extrapolation": ...}`` for
     1-input regression, ``{"figures/decision_boundary": ...}`` for 2-input classification, and ``{}`` where
-    no picture is meaningful (more than 2 inputs, 1-input classification, an empty training split).
+    no picture is meaningful (more than 2 inputs, 1-input classification, an empty training split) or where the
+    rows are not in memory (a Dataset read from disk: drawing its points would read it whole).
     """
-    if len(data.train) == 0:
+    if len(data.train) == 0 or not data.in_memory:
         return {}
     inputs = data.num_inputs
     if data.task == "regression" and inputs == 2:
