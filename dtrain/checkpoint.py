@@ -17,6 +17,7 @@ this module only moves bytes and compares configs.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -31,13 +32,16 @@ import torch
 
 from dtrain import __version__
 from dtrain.atomic import remove_stale_temporaries, write_atomic
-from dtrain.config import CHANGEABLE_ON_RESUME, Config, to_plain
+from dtrain.config import CHANGEABLE_ON_RESUME, DATASETS, Config, to_plain
 from dtrain.errors import UserError, first_line
 
 FORMAT = 1  # bumped when the state's layout changes
 DIR_NAME = "checkpoints"
 POINTER = "latest"
 # Config keys that do not shape the trajectory: they may differ freely between a checkpoint and its resume.
+# Keys whose absence from an older checkpoint means something other than today's default: runs from before
+# data.standardize trained on the data as given.
+ABSENT_MEANS = {"data.standardize": False}
 FINGERPRINT = "data.fingerprint"  # not a config key: run.py adds it to the config the checkpoint keeps
 FREE_ON_RESUME = (
     "trainer.log_every",
@@ -219,7 +223,11 @@ def config_changes(
     # A key added to the config since the checkpoint was written counts as its default there; the data's
     # fingerprint, which checkpoints before it do not have, is compared only where the checkpoint has one.
     new = _flatten(current)
-    defaults = {k: v for k, v in _flatten(to_plain(Config())).items() if k in new}
+    defaults = _flatten(to_plain(Config()))
+    data_schema = DATASETS.get(str(current.get("data", {}).get("name")))
+    if data_schema is not None:  # the data option's own keys (Config() has the default data set's)
+        defaults |= {f"data.{k}": v for k, v in dataclasses.asdict(data_schema()).items()} | ABSENT_MEANS
+    defaults = {k: v for k, v in defaults.items() if k in new}
     old = defaults | _flatten(saved)
     if FINGERPRINT not in old:
         new.pop(FINGERPRINT, None)

@@ -144,3 +144,20 @@ def test_a_kill_at_any_instant_of_saving_leaves_a_loadable_latest(tmp_path: Path
         loaded = checkpoint.load(found)  # verifies size and hash
         assert torch.equal(loaded["weights"], torch.full((200_000,), float(loaded["step"])))
         assert loaded["step"] == found.step
+
+
+def test_a_data_file_checkpoint_from_before_the_new_data_keys_resumes_as_it_trained(tmp_path) -> None:
+    """A data=file run saved before data.features/drop/labels/num_workers/standardize existed: the keys it lacks
+    read as what it did (no standardisation), so it resumes with data.standardize=false and is refused, by name,
+    with today's default (standardised), which would train on other inputs."""
+    from dtrain.checkpoint import CheckpointError, config_changes
+    from dtrain.config import Config, FileDataConfig, to_plain
+
+    current = to_plain(Config(data=FileDataConfig(path="/d.csv", standardize=False)))
+    saved = to_plain(Config(data=FileDataConfig(path="/d.csv")))
+    for key in ("features", "drop", "labels", "num_workers", "standardize"):
+        del saved["data"][key]
+    assert config_changes(saved, current, 1, 1, [], tmp_path / "c.pt") == []
+    current["data"]["standardize"] = True
+    with pytest.raises(CheckpointError, match=r"data.standardize was False, now True; data.standardize cannot"):
+        config_changes(saved, current, 1, 1, [], tmp_path / "c.pt")

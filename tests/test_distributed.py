@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import launch, run_dtrain
+from tests.conftest import launch
 from tests.tb import scalars
 
 pytestmark = pytest.mark.multiprocess
@@ -39,11 +39,7 @@ def test_only_rank_zero_writes_and_ranks_share_one_run_dir(tmp_path) -> None:
 
 # A mistake found before the ranks have a process group (composing the config); those found after it (a batch
 # that does not divide among the ranks) are test_bad_input.py's test_two_rank_cases.
-def test_bad_config_under_torchrun_is_one_line_per_job(tmp_path) -> None:
-    run = run_dtrain(tmp_path / "bad", "optim.lr=-1", nproc=2)
-    assert run.returncode != 0
-    assert run.stderr.count("dtrain: error: optim.lr=-1.0 must be a positive number") == 1
-    assert not (tmp_path / "bad" / "metrics.json").exists()
+# A bad config under torchrun, said once: test_bad_input.py's torchrun case.
 
 
 def _free_port() -> int:

@@ -3,6 +3,7 @@ path, Datasets through a DataLoader, and every promise the in-memory path makes 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -184,6 +185,9 @@ def test_the_split_is_saved_the_path_resolved_and_changed_data_not_resumed(tmp_p
         _, val = split_rows(100, 0.2, torch.Generator().manual_seed(0))
         np.testing.assert_array_equal(split["val"], val.numpy())
         assert sorted([*split["train"], *split["val"]]) == list(range(100))
+    # The checkpoint's manifest names the data it trained on.
+    manifest = json.loads((run.run_dir / "checkpoints" / "latest").read_text())
+    assert manifest["data_fingerprint"].startswith(f"{tmp_path / 'prices.csv'}: ")
     # The file changes under the run: resuming it is refused, by name, until the user says the change is meant.
     write_table(tmp_path / "prices.csv", rows=101)
     refused = run_dtrain(tmp_path / "run", *args)

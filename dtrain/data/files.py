@@ -259,7 +259,8 @@ def _read_csv_table(path: Path, columns: list[str] | None = None) -> np.ndarray:
         use = None if wanted is None else (lambda name: str(name).strip() in wanted)  # names as the header has them
         frame = pd.read_csv(path, sep=delimiter, encoding="utf-8-sig", engine="c", usecols=use)
         frame.columns = [str(name).strip() for name in frame.columns]
-        frame = frame[columns] if columns is not None else frame
+        if columns is not None and list(frame.columns) != columns:
+            frame = frame[columns]  # data.features' order (a copy: only where the order differs)
     except Exception:  # a parser or decoding error: the careful reader says what is wrong, and where
         return _read_csv_slowly(path, delimiter, columns)
     numeric = all(pd.api.types.is_numeric_dtype(kind) and not pd.api.types.is_bool_dtype(kind) for kind in frame.dtypes)

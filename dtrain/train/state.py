@@ -170,6 +170,9 @@ class Checkpointer:
                 "grad_scaler": None,  # dtrain trains in float32/float64 or bf16 autocast: nothing to scale
             }
             manifest = {"config_hash": checkpoint.config_hash(self.config), "world_size": env.world_size}
+            fingerprint = self.config.get("data", {}).get("fingerprint")  # the data files (data.fingerprint)
+            if fingerprint:
+                manifest["data_fingerprint"] = fingerprint
             try:
                 path = checkpoint.save(self.directory, state, step, self.cfg.keep_last, manifest)
                 log.info("checkpoint: %s", path)
