@@ -40,6 +40,9 @@ def test_the_users_own_validation_rows_and_classes(tmp_path: Path) -> None:
     sets = assert_ok(run_dtrain(tmp_path / "sets", f"{DATA}.datasets", *args))
     assert "160 train / 40 val rows" in pairs.stdout and "160 train / 40 val rows" in sets.stdout
     assert sets.metrics["val/loss"] == pairs.metrics["val/loss"]
+    # torch's TensorDataset, read a batch at a time rather than row by row: the same batches again.
+    tensor_sets = assert_ok(run_dtrain(tmp_path / "tensor_sets", f"{DATA}.tensor_datasets", *args))
+    assert_same_state(state(tensor_sets.run_dir), state(sets.run_dir))
     # Integer targets are classes; images keep their shape, and a torchvision-style `classes` names the classes.
     labels = assert_ok(run_dtrain(tmp_path / "labels", f"{DATA}.tensors", "data.classes=3", *args))
     assert "3 classes" in labels.stdout and "val/accuracy" in labels.metrics

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 
 def _table(rows: int, features: int, seed: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,3 +101,9 @@ class Unpaired(Dataset):
 
 def unpaired() -> Dataset:
     return Unpaired()
+
+
+def tensor_datasets(rows: int = 200, features: int = 3) -> tuple[TensorDataset, TensorDataset]:
+    """torch's own TensorDataset, which dtrain reads a batch at a time (one gather per tensor)."""
+    x, y = _table(rows, features, 0, 0)
+    return TensorDataset(x[:160], y[:160]), TensorDataset(x[160:], y[160:])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import TensorDataset, default_collate
 
 from dtrain.errors import ConfigError
 
@@ -80,11 +80,13 @@ class DatasetSplit:
 
     def fetch(self, positions: Sequence[int] | torch.Tensor) -> Any:
         """The collated, unconverted batch at ``positions``: ``read_rows`` or ``__getitems__`` where the dataset has
-        it (one read for the batch), else item by item."""
+        it (one read for the batch), a ``TensorDataset``'s tensors indexed at once, else item by item."""
         rows = self.dataset_rows(positions)
         read_rows = getattr(self.dataset, "read_rows", None)  # already collated (a memory-mapped array's rows)
         if read_rows is not None:
             return read_rows(rows.numpy())
+        if isinstance(self.dataset, TensorDataset):  # one gather per tensor, not an item and a stack per row
+            return tuple(tensor[rows] for tensor in self.dataset.tensors)
         listed = rows.tolist()  # a user's Dataset is indexed by Python ints
         getitems = getattr(self.dataset, "__getitems__", None)
         return default_collate(getitems(listed) if getitems is not None else [self.dataset[i] for i in listed])

@@ -115,6 +115,8 @@ def _task(cfg: C.FileDataConfig, targets: np.ndarray) -> tuple[str, int, np.ndar
 
 def _warn_if_classes(where: str, target: np.ndarray) -> None:
     """A target of a few whole numbers, in a run that did not say ``data.task``, is probably class labels."""
+    if not np.array_equal(target, np.round(target)):  # one pass; the sort below only for whole numbers
+        return
     values = np.unique(target)
     if 2 <= len(values) <= FEW_VALUES and np.all(values == np.round(values)) and len(values) < len(target) / 2:
         shown = f"{values[0]:g}..{values[-1]:g}"

@@ -36,7 +36,9 @@ class Standardizer:
     y_std: torch.Tensor | None = None
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.x_mean.to(x)) / self.x_std.to(x)
+        # x * (1/std) - mean/std in one pass and one new tensor: a table's copy, not two.
+        scale = 1 / self.x_std.to(x)
+        return torch.addcmul(-self.x_mean.to(x) * scale, x, scale)
 
     def targets(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.y_mean is None else (y - self.y_mean.to(y)) / self.y_std.to(y)
@@ -125,5 +127,6 @@ class Standardized(nn.Module):
             self.register_buffer("y_std", standardizer.y_std.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        output = self.model((x - self.x_mean) / self.x_std)
+        scale = 1 / self.x_std  # as Standardizer.inputs computes it for training, to the bit
+        output = self.model(torch.addcmul(-self.x_mean * scale, x, scale))
         return output * self.y_std + self.y_mean if self.scales_targets else output
