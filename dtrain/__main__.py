@@ -62,7 +62,8 @@ def fail(message: str, code: int, quiet: bool = False, said: bool = False) -> No
         print(f"dtrain: error: {message}", file=sys.stderr, flush=True)
     else:
         let_rank0_speak(said)
-    launch_env.tell_torchrun(f"dtrain: error: {message}")  # the last line of torchrun's own failure summary
+    if code == EXIT_USER_ERROR:  # a peer's "collective failed" must not become torchrun's root cause
+        launch_env.tell_torchrun(f"dtrain: error: {message}")  # the last line of torchrun's own failure summary
     sys.exit(code)
 
 

@@ -228,9 +228,13 @@ def config_changes(
     if data_schema is not None:  # the data option's own keys (Config() has the default data set's)
         defaults |= {f"data.{k}": v for k, v in dataclasses.asdict(data_schema()).items()} | ABSENT_MEANS
     defaults = {k: v for k, v in defaults.items() if k in new}
+    absent = {k: v for k, v in defaults.items() if k not in _flatten(saved)}  # what an older checkpoint lacks
     old = defaults | _flatten(saved)
     if FINGERPRINT not in old:
         new.pop(FINGERPRINT, None)
+    if isinstance(old.get("data.path"), str) and old["data.path"] != "???":
+        # Compared resolved: checkpoints before paths were stored resolved hold them as typed.
+        old["data.path"] = str(Path(old["data.path"]).expanduser().resolve())
     differences = [
         (k, old.get(k, "<absent>"), new.get(k, "<absent>"))
         for k in sorted(set(old) | set(new))
@@ -246,6 +250,11 @@ def config_changes(
         what = f"checkpoint {path} does not match this run: {key} was {was!r}, now {now!r}"
         if key == FINGERPRINT:
             what = f"checkpoint {path} was saved training on other data: then {was}; now {now}"
+        if key in ABSENT_MEANS and key in absent:
+            raise CheckpointError(
+                f"checkpoint {path} was saved before {key} existed, by a run that trained with {key}="
+                f"{str(was).lower()}: add {key}={str(was).lower()} to resume it"
+            )
         if _under(key, CHANGEABLE_ON_RESUME):
             short = next(p for p in CHANGEABLE_ON_RESUME if _under(key, (p,)))
             raise CheckpointError(f"{what}; to resume with the new value add checkpoint.allow_changes=[{short}]")

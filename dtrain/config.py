@@ -478,6 +478,7 @@ class DistConfig:
 CHANGEABLE_ON_RESUME = (
     "world_size",
     "data.fingerprint",  # the data file changed since the checkpoint (dtrain.data.fingerprint)
+    "data.num_workers",  # a DataLoader's processes: the batches do not depend on them
     "optim.lr",
     "optim.momentum",
     "optim.weight_decay",

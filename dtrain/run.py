@@ -106,6 +106,8 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     preprocessing = standardizer.state() if standardizer is not None else {}
     if data.classes is not None:  # data.labels=remap: the label each class index stands for, for predictions
         preprocessing["classes"] = data.classes
+    if data.features is not None:  # a table's input columns: predict picks them by name, in this order
+        preprocessing["features"] = data.features
     preprocessing = preprocessing or None
     sizes = model_sizes(config, data)
     loss = build_loss(config.loss, data.task, data.num_classes)

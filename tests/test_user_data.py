@@ -48,6 +48,9 @@ def test_the_users_own_validation_rows_and_classes(tmp_path: Path) -> None:
     assert "3 classes" in labels.stdout and "val/accuracy" in labels.metrics
     images = (f"{DATA}.images", "model._target_=tests.user_data.flat_linear", "trainer.max_steps=30")
     run = assert_ok(run_dtrain(tmp_path / "images", *images, "trainer.batch_size=16", "data.num_workers=1"))
+    # A pandas DataFrame and Series, as a user with a table returns them.
+    table = assert_ok(run_dtrain(tmp_path / "frame", f"{DATA}.frame", *args))
+    assert "100 train / 100 val rows, 3 features, regression" in table.stdout  # data.val_fraction=0.5
     assert "inputs of shape 1x6x6, classification, 2 classes, read through a DataLoader" in run.stdout
     assert run.metrics["val/accuracy"] > 0.9
     # Two features, regression, figures on: the model's surface is drawn for data in memory only, not for a
@@ -83,6 +86,10 @@ def test_a_crash_mid_epoch_on_the_dataloader_path_resumes_exactly(tmp_path: Path
         ((f"{DATA}.unpaired",), ["items must be (input, target) pairs", "item 0 is a Tensor"]),
         ((f"{DATA}.dataset", "population.size=2"), ["a population", "needs the data in memory"]),
         ((f"{DATA}.tensors", "data.num_workers=-1"), ["data.num_workers=-1"]),
+        ((f"{DATA}.text_frame",), ["x holds object values, not numbers"]),
+        ((f"{DATA}.stream",), ["returned an IterableDataset", "map-style Dataset"]),
+        ((f"{DATA}.narrow_val",), ["validation rows have inputs [2]", "training rows [3]"]),
+        ((f"{DATA}.tensors", "data.rows=2", "data.val_fraction=0.75"), ["the training split is empty"]),
     ],
 )
 def test_bad_user_data_is_refused_in_one_line(tmp_path: Path, args: tuple[str, ...], fragments: list[str]) -> None:
@@ -146,6 +153,16 @@ def test_standardisation_is_saved_and_predictions_come_back_in_the_users_units(t
     assert code == 0, err
     predicted = np.load(tmp_path / "p.npz")["prediction"].ravel()
     np.testing.assert_allclose(predicted, by_hand, rtol=1e-12)
+    # A new file with its columns in another order: picked by name, as the model was trained on them.
+    columns = (tmp_path / "prices.csv").read_text().splitlines()
+    swapped = ["ratio,size"] + [",".join(reversed(line.split(",")[:2])) for line in columns[1:]]
+    (tmp_path / "swapped.csv").write_text("\n".join(swapped) + "\n")
+    out = tmp_path / "swapped.npz"
+    code, _, err = main_in_process(
+        "predict", str(run.run_dir), f"data.path={tmp_path / 'swapped.csv'}", "--out", str(out)
+    )
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(out)["prediction"].ravel(), predicted)
     # In the user's units, and trained: the validation loss (in standard units) times the target's variance is
     # the mean squared error of the predictions, in prices squared, over the held-out rows.
     val_rows = split_rows(300, 0.2, torch.Generator().manual_seed(0))[1].numpy()

@@ -107,3 +107,33 @@ def tensor_datasets(rows: int = 200, features: int = 3) -> tuple[TensorDataset, 
     """torch's own TensorDataset, which dtrain reads a batch at a time (one gather per tensor)."""
     x, y = _table(rows, features, 0, 0)
     return TensorDataset(x[:160], y[:160]), TensorDataset(x[160:], y[160:])
+
+
+def frame() -> tuple[object, object]:
+    """A pandas DataFrame of features and a Series of targets, as a user with a table has them."""
+    import pandas as pd
+
+    x, y = _table(200, 3, 0, 0)
+    table = pd.DataFrame(x.numpy(), columns=["a", "b", "c"])
+    return table, pd.Series(y.numpy(), name="y")
+
+
+def text_frame() -> tuple[object, object]:
+    import pandas as pd
+
+    return pd.DataFrame({"a": [1.0, 2.0], "city": ["Oslo", "Bergen"]}), pd.Series([1.0, 2.0])
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(3), torch.zeros(1)
+
+
+def stream() -> torch.utils.data.IterableDataset:
+    return Stream()
+
+
+def narrow_val() -> tuple[torch.Tensor, ...]:
+    """Validation rows with one feature fewer than the training rows."""
+    x, y = _table(100, 3, 0, 0)
+    return x[:80], y[:80], x[80:, :2], y[80:]

@@ -11,6 +11,7 @@ with ``data.labels=remap`` gives the file's own labels.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 from pathlib import Path
 
@@ -56,12 +57,14 @@ def run_config(source: Path, overrides: list[str]) -> Config:
     return load(merged)
 
 
-def inputs(config: Config) -> torch.Tensor:
-    """The rows to predict, in float64 on the CPU: a file's every row, or a generated set's validation split."""
+def inputs(config: Config, features: list[str] | None = None) -> torch.Tensor:
+    """The rows to predict, in float64 on the CPU: a file's every row (a table's ``features``, by name, in the
+    order the model was trained on them), or a generated set's validation split."""
     if config.data.name == "file":
         from dtrain.data.files import read_features
 
-        return torch.as_tensor(read_features(config.data), dtype=torch.float64)
+        cfg = config.data if features is None else dataclasses.replace(config.data, features=features, drop=[])
+        return torch.as_tensor(read_features(cfg), dtype=torch.float64)
     data = build_dataset(config.data, config.seed)
     split = data.val.get("", data.train)
     return split.head(len(split))[0]
@@ -127,10 +130,11 @@ def main(argv: list[str]) -> int:
     env = dist.setup(args.device, config.dist.backend, config.dist.timeout_s, config.dist.checkpoint_timeout_s)
     try:
         trained = read_model(args.run_dir, args.best, env.device)
-        x = inputs(config)
-        if x.shape[1] != trained.sizes.num_inputs:
+        x = inputs(config, (trained.record.get("preprocessing") or {}).get("features"))
+        values = int(torch.Size(x.shape[1:]).numel())  # a row's input values (C*H*W for images), as num_inputs
+        if values != trained.sizes.num_inputs:
             raise UserError(
-                f"{config.data.name} data has {x.shape[1]} input column(s) but the model was trained on "
+                f"{config.data.name} data has {values} input value(s) a row but the model was trained on "
                 f"{trained.sizes.num_inputs}: give it the same features"
             )
         start, stop = shard_bounds(len(x), env.rank, env.world_size)

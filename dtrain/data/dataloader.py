@@ -12,6 +12,7 @@ no per-rank loader state (whose worker snapshots depend on the worker count) has
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,6 +60,14 @@ class _SplitRows:
         return self.split.fetch(positions)
 
 
+def _quiet_worker(worker_id: int) -> None:
+    """A worker leaves stop signals to the training process: torchrun and SLURM signal every process of the job,
+    and a worker that died of SIGTERM would end training before the agreed checkpoint (docs/reliability.md). It
+    ends when the training process ends its epoch or training."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def _collated(batch: Any) -> Any:
     """The batch is collated where it is read (:meth:`DatasetSplit.fetch`); a module-level function, so that worker
     processes can unpickle it."""
@@ -70,8 +79,8 @@ class LoaderBatches(BatchPlan):
 
     Workers live for one epoch (or the part of it a resumed run has left), and :meth:`close` ends them where
     training stops mid-epoch: none outlives the run. Pinned memory where the device is a GPU. Each epoch's worker
-    seeds come from (seed, epoch), not from the training process's random state, which they would otherwise
-    consume.
+    seeds come from (seed, epoch, rank), not from the training process's random state, which they would
+    otherwise consume.
     """
 
     def __init__(
@@ -96,6 +105,7 @@ class LoaderBatches(BatchPlan):
             collate_fn=_collated,
             pin_memory=self.pinned,
             generator=self.generator,
+            worker_init_fn=_quiet_worker if num_workers > 0 else None,
         )
         self._current: Iterator[Any] | None = None
 
@@ -104,7 +114,8 @@ class LoaderBatches(BatchPlan):
         micro-batches, on the training device."""
         self.close()
         self.sampler.set_epoch(epoch, start_step)
-        self.generator.manual_seed((self.seed * 1_000_003 + epoch) % (2**63))
+        # Each rank's workers their own streams (a random augmentation must not repeat across ranks).
+        self.generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) % (2**63))
         self._current = self._read(iter(self.loader))
         return self._current
 

@@ -109,6 +109,8 @@ class DatasetSplit:
     def rows(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``lo..hi-1`` of this split, read and converted."""
         hi = min(hi, len(self))
+        if hi <= lo and len(self) == 0:
+            raise ConfigError("a split of the data set is empty; lower data.val_fraction or provide more data")
         if hi <= lo:  # an empty slice (a rank without validation rows): zero rows of the right shapes
             x, y = self.rows(0, 1)
             return x[:0], y[:0]
@@ -136,6 +138,7 @@ class DataSet:
     num_classes: int = 0
     extras: dict[str, object] = field(default_factory=dict)  # e.g. the true coefficients
     classes: list[float] | None = None  # the label each class index stands for, where data.labels=remap renumbered
+    features: list[str] | None = None  # a table's input columns, in the order the model takes them
 
     def __post_init__(self) -> None:
         # val_fraction=0 leaves an empty split: no validation then, rather than a mean over nothing.
@@ -175,6 +178,7 @@ class DataSet:
             num_classes=self.num_classes,
             extras=self.extras,
             classes=self.classes,
+            features=self.features,
         )
 
 
@@ -182,8 +186,9 @@ def require_in_memory(data: DataSet, what: str) -> None:
     """Refuse (one line) a data set read through a DataLoader where ``what`` needs every row in memory."""
     if not data.in_memory:
         raise ConfigError(
-            f"{what} needs the data in memory as tensors; data._target_ returned Datasets: return tensors (x, y) "
-            "instead, or train one model"
+            f"{what} needs the data in memory as tensors, and this data set is read through a DataLoader (a Dataset "
+            "from data._target_, or memory-mapped .npy): return tensors (x, y), give a table or a .npz, or train "
+            "one model"
         )
 
 

@@ -37,7 +37,7 @@ def load(cfg: C.FileDataConfig, gen: torch.Generator) -> DataSet:
     arrays = npy_paths(path, cfg.target)
     if arrays is not None:
         return _load_memmapped(cfg, *arrays, gen)
-    x, y = _read(cfg, path, with_target=True)
+    x, y, features = _read(cfg, path, with_target=True)
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
@@ -56,7 +56,7 @@ def load(cfg: C.FileDataConfig, gen: torch.Generator) -> DataSet:
     else:
         yt = torch.as_tensor(y.reshape(-1, 1), dtype=torch.float64)
     train, val = split_train_val(xt, yt, cfg.val_fraction, gen)
-    return DataSet(train, {"": val}, task=task, num_classes=num_classes, classes=classes)
+    return DataSet(train, {"": val}, task=task, num_classes=num_classes, classes=classes, features=features)
 
 
 FORMATS = ".csv, .csv.gz, .parquet, .npz or .npy"
@@ -139,16 +139,18 @@ def read_features(cfg: C.FileDataConfig) -> np.ndarray:
             raise UserError(f"data.path={cfg.path!r} is a directory without x.npy")
         x = np.asarray(open_array(arrays[0]), dtype=np.float64)
     else:
-        x, _ = _read(cfg, path, with_target=False)
+        x, _, _ = _read(cfg, path, with_target=False)
     x = x[:, None] if x.ndim == 1 else x
     if not np.isfinite(x).all():
         raise UserError(f"data.path={cfg.path!r}: contains NaN or infinite values")
     return x
 
 
-def _read(cfg: C.FileDataConfig, path: Path, with_target: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The inputs and the target of a ``.npz``, ``.csv`` or ``.parquet`` file as float64 arrays. Without
-    ``with_target`` (prediction) the target may be absent."""
+def _read(
+    cfg: C.FileDataConfig, path: Path, with_target: bool
+) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """The inputs and the target of a ``.npz``, ``.csv`` or ``.parquet`` file as float64 arrays, and a table's input
+    column names. Without ``with_target`` (prediction) the target may be absent."""
     if path.is_dir():
         raise UserError(
             f"data.path={cfg.path!r} is a directory, not a file: give a {FORMATS} file, or a directory holding x.npy "
@@ -156,7 +158,7 @@ def _read(cfg: C.FileDataConfig, path: Path, with_target: bool) -> tuple[np.ndar
         )
     suffix = _suffix(path)
     if suffix == ".npz":
-        return _read_npz(path, cfg.target, with_target)
+        return (*_read_npz(path, cfg.target, with_target), None)
     if suffix not in (".csv", ".csv.gz", ".parquet"):
         raise UserError(f"data.path={cfg.path!r}: unsupported suffix {suffix!r}; use {FORMATS}")
     header = _parquet_columns(path) if suffix == ".parquet" else _csv_header(path)
@@ -167,7 +169,7 @@ def _read(cfg: C.FileDataConfig, path: Path, with_target: bool) -> tuple[np.ndar
         raise UserError(f"{path}: no column {cfg.target!r} (data.target); columns: {', '.join(header)}")
     columns = [*features, cfg.target] if has_target else features
     values = _read_parquet(path, columns) if suffix == ".parquet" else _read_csv_table(path, columns)
-    return (values[:, :-1], values[:, -1]) if has_target else (values, None)
+    return (values[:, :-1], values[:, -1], features) if has_target else (values, None, features)
 
 
 def _suffix(path: Path) -> str:

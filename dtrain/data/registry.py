@@ -11,6 +11,7 @@ from dtrain.data import files, synthetic
 from dtrain.data.dataset import DataSet
 from dtrain.data.standardize import Standardizer, fit_standardizer
 from dtrain.data.user import load_user_data
+from dtrain.errors import ConfigError
 
 BUILDERS: dict[str, Callable[..., DataSet]] = {
     "poly2d": synthetic.poly2d,
@@ -41,6 +42,8 @@ def build_training_data(
     statistics of the training split (each rank sums its shard; ``reduce``, an all-reduce sum, adds them up).
     The generated data sets have no ``standardize``: they are built at the scale they are meant to be learnt at."""
     data = build_dataset(cfg, seed)
+    if len(data.train) == 0:  # before the statistics, which need a row
+        raise ConfigError("the training split is empty; lower data.val_fraction or provide more data")
     choice = getattr(cfg, "standardize", False)
     if choice is False:
         return data, None

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from dtrain.config import UserDataConfig
 from dtrain.data.dataset import DataSet, DatasetSplit, Split, split_dataset, split_train_val
@@ -36,10 +36,15 @@ def load_user_data(cfg: UserDataConfig, gen: torch.Generator) -> DataSet:
         raise ConfigError(f"{KEY}={cfg.target!r} is a {type(factory).__name__}, not a function or a class")
     result = call_with(factory, instantiate_args(cfg.args, KEY), KEY, cfg.target)
     parts = list(result) if isinstance(result, (tuple, list)) else [result]
+    if any(isinstance(p, IterableDataset) for p in parts):
+        raise ConfigError(
+            f"{KEY}={cfg.target!r} returned an IterableDataset, which has neither a length nor rows to shard and "
+            "resume at: dtrain needs a map-style Dataset (__getitem__ and __len__) or tensors"
+        )
     if all(_is_dataset(p) for p in parts) and len(parts) in (1, 2):
         return _from_datasets(cfg, parts, gen)
     if all(_is_array(p) for p in parts) and len(parts) in (2, 4):
-        return _from_tensors(cfg, [torch.as_tensor(p) for p in parts], gen)
+        return _from_tensors(cfg, [_as_tensor(cfg, p, i) for i, p in enumerate(parts)], gen)
     got = type(result).__name__
     if isinstance(result, (tuple, list)):
         got += " of " + ", ".join(type(p).__name__ for p in parts)
@@ -55,7 +60,24 @@ def _is_dataset(obj: Any) -> bool:
 
 
 def _is_array(obj: Any) -> bool:
-    return isinstance(obj, (torch.Tensor, np.ndarray))
+    """Tensors, NumPy arrays, and what converts to one (a pandas DataFrame or Series: ``__array__``)."""
+    return isinstance(obj, (torch.Tensor, np.ndarray)) or (hasattr(obj, "__array__") and not isinstance(obj, Dataset))
+
+
+PART_NAMES = ("x", "y", "x_val", "y_val")
+
+
+def _as_tensor(cfg: UserDataConfig, part: Any, index: int) -> torch.Tensor:
+    """One returned array as a CPU tensor; a table of text (an object array) refused in one line."""
+    if isinstance(part, torch.Tensor):
+        return part.detach().cpu()
+    array = np.asarray(part)
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise ConfigError(
+            f"{KEY}={cfg.target!r}: {PART_NAMES[index]} holds {array.dtype} values, not numbers: convert or encode "
+            "them (e.g. pandas' get_dummies) before returning"
+        )
+    return torch.as_tensor(array)
 
 
 def _from_tensors(cfg: UserDataConfig, arrays: list[torch.Tensor], gen: torch.Generator) -> DataSet:
@@ -69,17 +91,28 @@ def _from_tensors(cfg: UserDataConfig, arrays: list[torch.Tensor], gen: torch.Ge
                 f"{KEY}={cfg.target!r}: {which} must have one row per sample; got shapes "
                 f"{list(xs.shape)} and {list(ys.shape)}"
             )
+    if len(pairs) == 2:
+        _check_like(cfg, [list(p.shape[1:]) for p in arrays[::2]], [list(p.shape[1:]) for p in arrays[1::2]])
     converted = [(xs.to(torch.float64), _targets(cfg, ys, task)) for xs, ys in pairs]
     num_classes = 0
     if task == "classification":
         labels = torch.cat([ys for _, ys in converted])
-        check_labels(f"{KEY}={cfg.target!r}", labels.numpy())
+        check_labels(f"{KEY}={cfg.target!r}", labels.cpu().numpy())
         num_classes = int(labels.max()) + 1
     if len(converted) == 2:
         train, val = Split(*converted[0]), Split(*converted[1])
     else:
         train, val = split_train_val(*converted[0], cfg.val_fraction, gen)
     return DataSet(train, {"": val}, task=task, num_classes=num_classes)
+
+
+def _check_like(cfg: UserDataConfig, inputs: list[list[int]], targets: list[list[int]]) -> None:
+    """Validation rows shaped as the training rows (a row's input, and its target), or one line naming both."""
+    if inputs[1] != inputs[0] or targets[1] != targets[0]:
+        raise ConfigError(
+            f"{KEY}={cfg.target!r}: the validation rows have inputs {inputs[1]} and targets {targets[1]} a row, the "
+            f"training rows {inputs[0]} and {targets[0]}: they must match"
+        )
 
 
 def _integer(y: torch.Tensor) -> bool:
@@ -115,6 +148,10 @@ def _from_datasets(cfg: UserDataConfig, datasets: list[Any], gen: torch.Generato
     task = cfg.task or ("classification" if _integer(target) and target.ndim == 0 else "regression")
     num_classes = _num_classes(cfg, train_set) if task == "classification" else 0
     if len(datasets) == 2:
+        if len(datasets[1]) > 0:
+            pair = (item, datasets[1][0])
+            inputs = [list(torch.as_tensor(p[0]).shape) for p in pair]
+            _check_like(cfg, inputs, [list(torch.as_tensor(p[1]).shape) for p in pair])
         train, val = DatasetSplit(train_set, task=task), DatasetSplit(datasets[1], task=task)
     else:
         train, val = split_dataset(train_set, cfg.val_fraction, gen, task)

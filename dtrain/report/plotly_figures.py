@@ -79,8 +79,8 @@ def model_plot(predict: Any, data: DataSet) -> go.Figure | None:
     """The interactive counterpart of :func:`dtrain.train.figures.model_figures`: a 3-D surface with the points
     (2-input regression), the prediction against the points with the training range shaded (1-input
     regression), or the decision regions and boundary under the points (2-input classification); None where
-    no picture is meaningful."""
-    if len(data.train) == 0:
+    no picture is meaningful, or where the rows are not in memory (a Dataset read from disk)."""
+    if len(data.train) == 0 or not data.in_memory:
         return None
     if data.task == "regression" and data.num_inputs == 2:
         return _surface_plot(predict, data)
