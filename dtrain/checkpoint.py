@@ -232,7 +232,8 @@ def config_changes(
     old = defaults | _flatten(saved)
     if FINGERPRINT not in old:
         new.pop(FINGERPRINT, None)
-    if isinstance(old.get("data.path"), str) and old["data.path"] != "???":
+    file_data = old.get("data.name") == new.get("data.name") == "file"  # a user function's own `path` is its own
+    if file_data and isinstance(old.get("data.path"), str) and old["data.path"] != "???":
         # Compared resolved: checkpoints before paths were stored resolved hold them as typed.
         old["data.path"] = str(Path(old["data.path"]).expanduser().resolve())
     differences = [

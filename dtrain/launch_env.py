@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import re
+import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -194,6 +195,11 @@ def _process_start_time(pid: int) -> float | None:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+# What schedulers send before they stop a job: torchrun's agent and Kubernetes SIGTERM, SLURM SIGUSR1 (--signal)
+# or submitit SIGUSR2. dtrain.preemption acts on them; DataLoader workers leave them to the training process.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def tell_torchrun(message: str) -> None:

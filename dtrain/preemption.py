@@ -21,10 +21,11 @@ import torch
 import torch.distributed as torch_dist
 
 from dtrain.dist import DistEnv, current_op
+from dtrain.launch_env import STOP_SIGNALS
 
 log = logging.getLogger("dtrain")
 # SIGUSR2: hydra-submitit-launcher's time-limit signal (SLURM sends it signal_delay_s before the limit).
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+SIGNALS = STOP_SIGNALS
 
 
 class Preemption:

@@ -161,3 +161,13 @@ def test_a_data_file_checkpoint_from_before_the_new_data_keys_resumes_as_it_trai
     current["data"]["standardize"] = True
     with pytest.raises(CheckpointError, match=r"saved before data.standardize existed, .* add data.standardize=false"):
         config_changes(saved, current, 1, 1, [], tmp_path / "c.pt")
+
+
+def test_a_user_functions_own_path_argument_is_compared_as_given(tmp_path) -> None:
+    """Only data=file's data.path is stored resolved and compared so; a data._target_ function's own `path`
+    argument is the function's, compared as the user wrote it."""
+    from dtrain.checkpoint import config_changes
+    from dtrain.config import Config, UserDataConfig, to_plain
+
+    config = to_plain(Config(data=UserDataConfig(target="pkg.load", args={"path": "data/train.csv"})))
+    assert config_changes(config, config, 1, 1, [], tmp_path / "c.pt") == []

@@ -701,3 +701,29 @@ def test_data_standardize_chooses_what_is_scaled(tmp_path, choice: object, input
     assert torch.equal(data.train.y, raw.train.y) != target
     if standardizer is not None:
         assert (standardizer.y_mean is not None) == target
+
+
+def test_dataloader_workers_leave_stop_signals_to_training_and_end_with_it(tmp_path) -> None:
+    """torchrun and SLURM signal every process of a job: a worker that got SIGTERM keeps reading (the training
+    process decides where to stop and needs its batches until the checkpoint), and no worker outlives close()."""
+    import multiprocessing
+    import os
+    import signal
+
+    from dtrain.data.dataloader import LoaderBatches
+
+    write_npy(tmp_path / "arrays", 64, features=2)
+    data = build_dataset(file_cfg(tmp_path / "arrays", val_fraction=0.0), seed=0)
+    batches = LoaderBatches(data.train, 8, 0, 1, seed=0, num_workers=2)
+    epoch = batches.epoch(0)
+    next(epoch)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGUSR2)
+    assert len(list(epoch)) == 7  # the rest of the epoch, read by the signalled workers
+    batches.epoch(1)
+    next(batches.epoch(1))
+    batches.close()
+    assert not multiprocessing.active_children()

@@ -51,6 +51,8 @@ def test_the_users_own_validation_rows_and_classes(tmp_path: Path) -> None:
     # A pandas DataFrame and Series, as a user with a table returns them.
     table = assert_ok(run_dtrain(tmp_path / "frame", f"{DATA}.frame", *args))
     assert "100 train / 100 val rows, 3 features, regression" in table.stdout  # data.val_fraction=0.5
+    encoded = assert_ok(run_dtrain(tmp_path / "dummies", f"{DATA}.dummies_frame", *args))  # bool columns are numbers
+    assert "3 features, regression" in encoded.stdout
     assert "inputs of shape 1x6x6, classification, 2 classes, read through a DataLoader" in run.stdout
     assert run.metrics["val/accuracy"] > 0.9
     # Two features, regression, figures on: the model's surface is drawn for data in memory only, not for a
@@ -86,7 +88,7 @@ def test_a_crash_mid_epoch_on_the_dataloader_path_resumes_exactly(tmp_path: Path
         ((f"{DATA}.unpaired",), ["items must be (input, target) pairs", "item 0 is a Tensor"]),
         ((f"{DATA}.dataset", "population.size=2"), ["a population", "needs the data in memory"]),
         ((f"{DATA}.tensors", "data.num_workers=-1"), ["data.num_workers=-1"]),
-        ((f"{DATA}.text_frame",), ["x holds object values, not numbers"]),
+        ((f"{DATA}.text_frame",), ["x has columns that are not numbers (city)", "get_dummies"]),
         ((f"{DATA}.stream",), ["returned an IterableDataset", "map-style Dataset"]),
         ((f"{DATA}.narrow_val",), ["validation rows have inputs [2]", "training rows [3]"]),
         ((f"{DATA}.tensors", "data.rows=2", "data.val_fraction=0.75"), ["the training split is empty"]),

@@ -137,3 +137,13 @@ def narrow_val() -> tuple[torch.Tensor, ...]:
     """Validation rows with one feature fewer than the training rows."""
     x, y = _table(100, 3, 0, 0)
     return x[:80], y[:80], x[80:, :2], y[80:]
+
+
+def dummies_frame() -> tuple[object, object]:
+    """A text column one-hot encoded by pandas' get_dummies: boolean columns beside a float one."""
+    import pandas as pd
+
+    x, y = _table(200, 1, 0, 0)
+    city = pd.Series(["Oslo", "Bergen"] * 100, name="city")
+    table = pd.get_dummies(pd.DataFrame({"a": x[:, 0].numpy(), "city": city}))
+    return table, pd.Series(y.numpy(), name="y")

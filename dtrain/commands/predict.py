@@ -130,7 +130,9 @@ def main(argv: list[str]) -> int:
     env = dist.setup(args.device, config.dist.backend, config.dist.timeout_s, config.dist.checkpoint_timeout_s)
     try:
         trained = read_model(args.run_dir, args.best, env.device)
-        x = inputs(config, (trained.record.get("preprocessing") or {}).get("features"))
+        # The columns the model was trained on, by name, unless the user names them (a file with other headers).
+        named = any(o.startswith(("data.features=", "data.drop=")) for o in overrides)
+        x = inputs(config, None if named else (trained.record.get("preprocessing") or {}).get("features"))
         values = int(torch.Size(x.shape[1:]).numel())  # a row's input values (C*H*W for images), as num_inputs
         if values != trained.sizes.num_inputs:
             raise UserError(

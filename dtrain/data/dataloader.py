@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from dtrain.data.dataset import DatasetSplit
 from dtrain.data.loader import BatchPlan, ShardedBatches
+from dtrain.launch_env import STOP_SIGNALS
 
 
 class StepSampler(Sampler[torch.Tensor]):
@@ -63,9 +64,15 @@ class _SplitRows:
 def _quiet_worker(worker_id: int) -> None:
     """A worker leaves stop signals to the training process: torchrun and SLURM signal every process of the job,
     and a worker that died of SIGTERM would end training before the agreed checkpoint (docs/reliability.md). It
-    ends when the training process ends its epoch or training."""
-    for name in ("SIGTERM", "SIGUSR1", "SIGINT"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    ends when the training process ends its epoch or training (:meth:`LoaderBatches.close`, which kills one that
+    does not). A handler that does nothing, not SIG_IGN: programs a Dataset starts keep their default
+    handling."""
+    for signum in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(signum, _ignore)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """The stop signal is the training process's to act on (:func:`_quiet_worker`)."""
 
 
 def _collated(batch: Any) -> Any:
@@ -120,12 +127,16 @@ class LoaderBatches(BatchPlan):
         return self._current
 
     def _read(self, batches: Iterator[Any]) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        workers = list(getattr(batches, "_workers", []))  # the iterator's worker processes (none without workers)
         try:
             for batch in batches:
                 x, y = self.split.convert(batch, non_blocking=self.pinned)
                 yield list(zip(x.split(self.micro_batch), y.split(self.micro_batch), strict=True))
         finally:
             del batches  # the last reference to the DataLoader's iterator: its workers are shut down now
+            for worker in workers:  # one stuck in a read ignores the shutdown's SIGTERM (_quiet_worker)
+                if worker.is_alive():
+                    worker.kill()
 
     def close(self) -> None:
         """End the current epoch's workers (training stopped mid-epoch, or a new epoch begins)."""

@@ -21,6 +21,8 @@ def remap_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def check_labels(where: str, labels: np.ndarray, remap_hint: str = "") -> None:
     """Class labels must be the indices 0..K-1, each used, with fewer classes than makes sense for the rows.
     ``remap_hint``: how this source can renumber them instead (``data.labels=remap`` for files)."""
+    if len(labels) == 0:
+        raise UserError(f"{where}: no rows: there is nothing to train on")
     if not np.all(labels == np.round(labels)):
         raise UserError(
             f"{where}: classification targets must be class indices 0..K-1, and some are not whole "

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, IterableDataset
 from dtrain.config import UserDataConfig
 from dtrain.data.dataset import DataSet, DatasetSplit, Split, split_dataset, split_train_val
 from dtrain.data.labels import check_labels
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, first_line
 from dtrain.user_code import call_with, import_target, instantiate_args
 
 KEY = "data._target_"
@@ -71,6 +71,8 @@ def _as_tensor(cfg: UserDataConfig, part: Any, index: int) -> torch.Tensor:
     """One returned array as a CPU tensor; a table of text (an object array) refused in one line."""
     if isinstance(part, torch.Tensor):
         return part.detach().cpu()
+    if hasattr(part, "to_numpy") and hasattr(part, "dtypes" if hasattr(part, "columns") else "dtype"):
+        return torch.as_tensor(_pandas_numbers(cfg, part, PART_NAMES[index]))
     array = np.asarray(part)
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise ConfigError(
@@ -106,8 +108,29 @@ def _from_tensors(cfg: UserDataConfig, arrays: list[torch.Tensor], gen: torch.Ge
     return DataSet(train, {"": val}, task=task, num_classes=num_classes)
 
 
+def _pandas_numbers(cfg: UserDataConfig, part: Any, name: str) -> np.ndarray:
+    """A pandas DataFrame or Series as one array, column by column checked: numbers and booleans (get_dummies'
+    columns) become float64, whole numbers stay integers (class labels); a text column is refused by name."""
+    from pandas.api.types import is_bool_dtype, is_integer_dtype, is_numeric_dtype
+
+    kinds = dict(part.dtypes.items()) if hasattr(part, "columns") else {part.name: part.dtype}
+    text = [str(column) for column, kind in kinds.items() if not (is_numeric_dtype(kind) or is_bool_dtype(kind))]
+    if text:
+        raise ConfigError(
+            f"{KEY}={cfg.target!r}: {name} has columns that are not numbers ({', '.join(text[:5])}): convert or encode "
+            "them (e.g. pandas' get_dummies) before returning"
+        )
+    whole = all(is_integer_dtype(kind) and not is_bool_dtype(kind) for kind in kinds.values())
+    try:
+        return part.to_numpy(dtype=np.int64 if whole else np.float64)
+    except (TypeError, ValueError) as exc:  # a missing value in a nullable integer column
+        raise ConfigError(f"{KEY}={cfg.target!r}: {name} cannot be made numbers: {first_line(exc)}") from None
+
+
 def _check_like(cfg: UserDataConfig, inputs: list[list[int]], targets: list[list[int]]) -> None:
-    """Validation rows shaped as the training rows (a row's input, and its target), or one line naming both."""
+    """Validation rows shaped as the training rows (a row's input, and its target), or one line naming both. One
+    target value a row is one shape, whether given as [] (a scalar, a Series) or [1] (a column)."""
+    targets = [[] if shape == [1] else shape for shape in targets]
     if inputs[1] != inputs[0] or targets[1] != targets[0]:
         raise ConfigError(
             f"{KEY}={cfg.target!r}: the validation rows have inputs {inputs[1]} and targets {targets[1]} a row, the "
