@@ -45,7 +45,10 @@ def build_html(runs: list[RunData], models: list[RunModel]) -> str:
             fig.update_layout(margin={"l": 10, "r": 10, "t": 30, "b": 10}, template="plotly_white")
             body = _div(fig, 520)
         else:
-            note = model.note or "no model figure for this data (more than 2 inputs, or 1-input classification)"
+            reason = "more than 2 inputs, or 1-input classification"
+            if model.data is not None and not model.data.in_memory:
+                reason = "its rows are read through a DataLoader, not held in memory"
+            note = model.note or f"no model figure for this data ({reason})"
             body = f'<p class="note">No model figure: {html.escape(note)}.</p>'
         model_cells.append(f'<div class="cell">{heading}{body}</div>')
     title = "dtrain report: " + ", ".join(r.name for r in runs)
