@@ -83,6 +83,11 @@ class TrainedModel:
     def task(self) -> str:
         return self.sizes.task
 
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """What the data went through before the model (standardisation, remapped classes, a table's columns)."""
+        return self.record.get("preprocessing") or {}
+
 
 def model_path(source: str | Path, best: bool = False) -> Path:
     """The model file of a run directory (``model.pt``, or ``model_best.pt`` with ``best``), or ``source`` itself."""

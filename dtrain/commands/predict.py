@@ -80,7 +80,7 @@ def predict_rows(trained: TrainedModel, x: torch.Tensor, chunk: int = 4096) -> d
     if trained.task == "classification":
         probabilities = trained.loss.probabilities(output)
         index = probabilities.argmax(dim=1).numpy()
-        labels = (trained.record.get("preprocessing") or {}).get("classes")  # data.labels=remap's labels
+        labels = trained.preprocessing.get("classes")  # data.labels=remap's labels
         return {"class": index if labels is None else np.asarray(labels)[index], "probabilities": probabilities.numpy()}
     return {"prediction": output.reshape(len(output), -1).numpy()}
 
@@ -132,7 +132,7 @@ def main(argv: list[str]) -> int:
         trained = read_model(args.run_dir, args.best, env.device)
         # The columns the model was trained on, by name, unless the user names them (a file with other headers).
         named = any(o.startswith(("data.features=", "data.drop=")) for o in overrides)
-        x = inputs(config, None if named else (trained.record.get("preprocessing") or {}).get("features"))
+        x = inputs(config, None if named else trained.preprocessing.get("features"))
         values = int(torch.Size(x.shape[1:]).numel())  # a row's input values (C*H*W for images), as num_inputs
         if values != trained.sizes.num_inputs:
             raise UserError(

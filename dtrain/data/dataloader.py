@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dtrain.data.dataset import DatasetSplit
-from dtrain.data.loader import BatchPlan, ShardedBatches
+from dtrain.data.loader import BatchPlan, ShardedBatches, epoch_seed
 from dtrain.launch_env import STOP_SIGNALS
 
 
@@ -122,7 +122,7 @@ class LoaderBatches(BatchPlan):
         self.close()
         self.sampler.set_epoch(epoch, start_step)
         # Each rank's workers their own streams (a random augmentation must not repeat across ranks).
-        self.generator.manual_seed(((self.seed * 1_000_003 + epoch) * 1_009 + self.rank) % (2**63))
+        self.generator.manual_seed((epoch_seed(self.seed, epoch) * 1_009 + self.rank) % (2**63))
         self._current = self._read(iter(self.loader))
         return self._current
 

@@ -118,7 +118,7 @@ def _warn_if_classes(where: str, target: np.ndarray) -> None:
     if not np.array_equal(target, np.round(target)):  # one pass; the sort below only for whole numbers
         return
     values = np.unique(target)
-    if 2 <= len(values) <= FEW_VALUES and np.all(values == np.round(values)) and len(values) < len(target) / 2:
+    if 2 <= len(values) <= FEW_VALUES and len(values) < len(target) / 2:
         shown = f"{values[0]:g}..{values[-1]:g}"
         log.warning(
             "data.path=%s: the target holds only the whole numbers %s (%d values) and data.task is not set, so it "
@@ -161,14 +161,15 @@ def _read(
         return (*_read_npz(path, cfg.target, with_target), None)
     if suffix not in (".csv", ".csv.gz", ".parquet"):
         raise UserError(f"data.path={cfg.path!r}: unsupported suffix {suffix!r}; use {FORMATS}")
-    header = _parquet_columns(path) if suffix == ".parquet" else _csv_header(path)
+    delimiter = None if suffix == ".parquet" else _sniff_delimiter(path)
+    header = _parquet_columns(path) if delimiter is None else _csv_header(path, delimiter)
     _check_header(path, header)
     features = _feature_columns(cfg, path, header)
     has_target = cfg.target in header
     if with_target and not has_target:
         raise UserError(f"{path}: no column {cfg.target!r} (data.target); columns: {', '.join(header)}")
     columns = [*features, cfg.target] if has_target else features
-    values = _read_parquet(path, columns) if suffix == ".parquet" else _read_csv_table(path, columns)
+    values = _read_parquet(path, columns) if delimiter is None else _read_csv_table(path, columns, delimiter)
     return (values[:, :-1], values[:, -1], features) if has_target else (values, None, features)
 
 
@@ -246,7 +247,7 @@ DELIMITERS = (",", ";", "\t", "|")
 INDEX_COLUMN_NAMES = ("", "Unnamed: 0")  # what pandas' to_csv writes above its index (and read_csv reads back)
 
 
-def _read_csv_table(path: Path, columns: list[str] | None = None) -> np.ndarray:
+def _read_csv_table(path: Path, columns: list[str] | None = None, delimiter: str | None = None) -> np.ndarray:
     """A numeric ``.csv`` (or ``.csv.gz``): its ``columns`` (default: all, in the header's order) as one float64
     array, read by pandas' C parser.
 
@@ -255,7 +256,7 @@ def _read_csv_table(path: Path, columns: list[str] | None = None) -> np.ndarray:
     (benchmarks/csv_loading.py, docs/benchmarks.md). Only the chosen columns are parsed (``usecols``). The
     delimiter is the header line's most frequent of ``, ; TAB |``. Where pandas cannot give a table of numbers,
     the file is read again by Python's csv module, whose one-line error names the line and column."""
-    delimiter = _sniff_delimiter(path)
+    delimiter = delimiter or _sniff_delimiter(path)
     try:
         import pandas as pd
 
@@ -280,9 +281,8 @@ def _open_text(path: Path) -> Any:
     return path.open(newline="", encoding="utf-8-sig")
 
 
-def _csv_header(path: Path) -> list[str]:
-    """The header row's names, split at the sniffed delimiter."""
-    delimiter = _sniff_delimiter(path)
+def _csv_header(path: Path, delimiter: str) -> list[str]:
+    """The header row's names, split at ``delimiter``."""
     try:
         with _open_text(path) as handle:
             first = next(csv.reader(handle, delimiter=delimiter), [])

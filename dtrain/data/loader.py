@@ -24,10 +24,18 @@ import torch
 from dtrain.data.dataset import Split
 from dtrain.errors import ConfigError
 
+EMPTY_TRAINING_SPLIT = "the training split is empty; lower data.val_fraction or provide more data"
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of ``epoch``'s randomness (its sample order; a DataLoader's workers): a pure function of the run's
+    seed and the epoch."""
+    return (seed * 1_000_003 + epoch) % (2**63)
+
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of ``epoch``: a pure function of (seed, epoch), identical on every rank."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
     return torch.randperm(num_samples, generator=gen)
 
 
@@ -55,7 +63,7 @@ class BatchPlan:
         grad_accum_steps: int = 1,
     ) -> None:
         if num == 0:
-            raise ConfigError("the training split is empty; lower data.val_fraction or provide more data")
+            raise ConfigError(EMPTY_TRAINING_SPLIT)
         batch = num if global_batch is None else global_batch
         per_step = world_size * grad_accum_steps
         if batch > num:

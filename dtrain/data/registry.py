@@ -9,6 +9,7 @@ import torch
 
 from dtrain.data import files, synthetic
 from dtrain.data.dataset import DataSet
+from dtrain.data.loader import EMPTY_TRAINING_SPLIT
 from dtrain.data.standardize import Standardizer, fit_standardizer
 from dtrain.data.user import load_user_data
 from dtrain.errors import ConfigError
@@ -43,7 +44,7 @@ def build_training_data(
     The generated data sets have no ``standardize``: they are built at the scale they are meant to be learnt at."""
     data = build_dataset(cfg, seed)
     if len(data.train) == 0:  # before the statistics, which need a row
-        raise ConfigError("the training split is empty; lower data.val_fraction or provide more data")
+        raise ConfigError(EMPTY_TRAINING_SPLIT)
     choice = getattr(cfg, "standardize", False)
     if choice is False:
         return data, None

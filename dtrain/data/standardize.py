@@ -26,6 +26,18 @@ CHUNK_ROWS = 65_536
 CONSTANT = 1e-12
 
 
+def scale_inputs(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` as x * (1/std) - mean/std: one pass and one new tensor (a table's copy, not two), and
+    the same bits in training (:class:`Standardizer`) and in prediction (:class:`Standardized`)."""
+    scale = 1 / std
+    return torch.addcmul(-mean * scale, x, scale)
+
+
+def unscale_targets(y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Standardised targets (or predictions of them) back in the data's units."""
+    return y * std + mean
+
+
 @dataclass
 class Standardizer:
     """Per-value mean and standard deviation of the inputs, and of a regression's targets (None: left as is)."""
@@ -36,16 +48,14 @@ class Standardizer:
     y_std: torch.Tensor | None = None
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        # x * (1/std) - mean/std in one pass and one new tensor: a table's copy, not two.
-        scale = 1 / self.x_std.to(x)
-        return torch.addcmul(-self.x_mean.to(x) * scale, x, scale)
+        return scale_inputs(x, self.x_mean.to(x), self.x_std.to(x))
 
     def targets(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.y_mean is None else (y - self.y_mean.to(y)) / self.y_std.to(y)
 
     def untargets(self, y: torch.Tensor) -> torch.Tensor:
         """Predictions in the user's units again."""
-        return y if self.y_mean is None else y * self.y_std.to(y) + self.y_mean.to(y)
+        return y if self.y_mean is None else unscale_targets(y, self.y_mean.to(y), self.y_std.to(y))
 
     def state(self) -> dict[str, Any]:
         """As ``model.pt`` keeps it: tensors (float64, CPU) and None."""
@@ -127,6 +137,5 @@ class Standardized(nn.Module):
             self.register_buffer("y_std", standardizer.y_std.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = 1 / self.x_std  # as Standardizer.inputs computes it for training, to the bit
-        output = self.model(torch.addcmul(-self.x_mean * scale, x, scale))
-        return output * self.y_std + self.y_mean if self.scales_targets else output
+        output = self.model(scale_inputs(x, self.x_mean, self.x_std))
+        return unscale_targets(output, self.y_mean, self.y_std) if self.scales_targets else output
