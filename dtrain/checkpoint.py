@@ -6,9 +6,16 @@ Layout of ``<run dir>/checkpoints``::
     step-00000120.json   its manifest: dtrain version, config hash, world size, step, time, size, SHA-256
     latest               JSON naming the newest complete checkpoint (with its size and SHA-256)
 
+A sharded run (``trainer.strategy=fsdp``) writes a directory in place of the ``.pt`` file::
+
+    step-00000120/       torch.distributed.checkpoint's files: every rank writes its own shards
+                         (``__<rank>_0.distcp``), rank 0 the ``.metadata`` and ``trainer.pt`` (the rest)
+    step-00000120.json   its manifest, with each file's size and SHA-256
+
 Saving writes the state, then the manifest, then ``latest``, each through :func:`write_atomic` (temporary
 name, flush, fsync, rename, fsync of the directory), and only then deletes checkpoints beyond the last K.
-A process killed at any instant therefore leaves ``latest`` naming a complete file whose hash matches.
+A sharded checkpoint is written into ``.step-00000120.partial/`` and renamed once every rank's files are in.
+A process killed at any instant therefore leaves ``latest`` naming a complete checkpoint whose hashes match.
 Loading checks the hash, because ``torch.load`` reads a file with flipped bytes without complaint.
 
 What goes into the state, and how it is restored, is the trainer's business (``dtrain/train/state.py``);
@@ -17,13 +24,17 @@ this module only moves bytes and compares configs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import io
 import json
+import math
+import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +42,7 @@ from typing import Any
 import torch
 
 from dtrain import __version__
-from dtrain.atomic import remove_stale_temporaries, write_atomic
+from dtrain.atomic import fsync_dir, remove_stale_temporaries, write_atomic
 from dtrain.config import CHANGEABLE_ON_RESUME, DATASETS, Config, to_plain
 from dtrain.errors import UserError, first_line
 
@@ -49,6 +60,7 @@ FREE_ON_RESUME = (
     "trainer.progress",
     "trainer.device",
     "trainer.compile",
+    "trainer.fsdp",  # how the shards are laid out: the checkpoint reshards to any layout
     "dist",
     "checkpoint",
     "resume",
@@ -63,17 +75,33 @@ class CheckpointError(UserError):
 
 @dataclass(frozen=True)
 class Found:
-    """A checkpoint file and what its manifest promises about it (None where there is no manifest)."""
+    """A checkpoint (a file, or a sharded checkpoint's directory) and what its manifest promises about it
+    (None where there is no manifest; ``files``: a sharded checkpoint's files, name -> size and SHA-256)."""
 
     path: Path
     step: int | None
     sha256: str | None
     size: int | None
+    files: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.path.is_dir()
 
 
-def checkpoint_name(step: int) -> str:
-    """``step-00000120.pt``: zero-padded, so names sort in step order."""
-    return f"step-{step:08d}.pt"
+def checkpoint_name(step: int, sharded: bool = False) -> str:
+    """``step-00000120.pt`` (``step-00000120`` for a sharded checkpoint): zero-padded, so names sort in step order."""
+    return f"step-{step:08d}" if sharded else f"step-{step:08d}.pt"
+
+
+SHARDED_MARK = ".metadata"  # torch.distributed.checkpoint's index: a directory holding one is a sharded checkpoint
+TRAINER_FILE = "trainer.pt"  # in a sharded checkpoint: what is not sharded (progress, schedule, config...)
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    """The checkpoints in ``directory``, files and sharded directories, oldest first."""
+    found = [p for p in directory.glob("step-*") if p.suffix == ".pt" or (p.is_dir() and p.suffix == "")]
+    return sorted(found, key=lambda p: p.name.removesuffix(".pt"))
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -89,15 +117,7 @@ def save(directory: Path, state: dict[str, Any], step: int, keep_last: int, mani
     torch.save(state, buffer)
     data = buffer.getvalue()
     path = directory / checkpoint_name(step)
-    manifest = manifest | {
-        "file": path.name,
-        "step": step,
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "dtrain_version": __version__,
-    }
-    text = (json.dumps(manifest, indent=2) + "\n").encode()
+    text = _manifest_text(path, step, len(data), hashlib.sha256(data).hexdigest(), manifest).encode()
     write_atomic(path, data)
     write_atomic(path.with_suffix(".json"), text)
     write_atomic(directory / POINTER, text)
@@ -108,12 +128,80 @@ def save(directory: Path, state: dict[str, Any], step: int, keep_last: int, mani
 def prune(directory: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (never the one ``latest`` names)."""
     current = latest(directory)
-    files = sorted(directory.glob("step-*.pt"))
+    files = _checkpoints(directory)
     for old in files[: max(0, len(files) - keep_last)]:
         if current is not None and old.name == current.path.name:
             continue
-        old.unlink(missing_ok=True)
-        old.with_suffix(".json").unlink(missing_ok=True)
+        old.with_name(old.name.removesuffix(".pt") + ".json").unlink(missing_ok=True)  # the manifest first
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def start_sharded(directory: Path, step: int) -> Path:
+    """Rank 0, before a sharded save: the empty directory every rank writes ``step``'s shards into, and the
+    partial ones of interrupted saves removed. It becomes a checkpoint only by :func:`finish_sharded`'s rename."""
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory)
+    for stale in directory.glob(".step-*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial = partial_path(directory, step)
+    partial.mkdir()
+    return partial
+
+
+def partial_path(directory: Path, step: int) -> Path:
+    """Where ``step``'s sharded checkpoint is written before it is complete (every rank knows it)."""
+    return directory / f".{checkpoint_name(step, sharded=True)}.partial"
+
+
+def write_shards(partial: Path, tensors: dict[str, Any], process_group: Any = None) -> None:
+    """Every rank writes its part of ``tensors`` (nested dicts of tensors and DTensors) into ``partial`` with
+    torch.distributed.checkpoint, each file fsynced; a tensor that several ranks hold under one name is written
+    once. A collective on ``process_group`` where there is one."""
+    import torch.distributed as torch_dist
+    import torch.distributed.checkpoint as dcp
+
+    writer = dcp.FileSystemWriter(str(partial), sync_files=True)
+    alone = not torch_dist.is_initialized()
+    with warnings.catch_warnings():  # one process writing alone (a one-process run) is the point of no_dist
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _listing_hash(files: dict[str, dict[str, Any]]) -> str:
+    """One SHA-256 for a sharded checkpoint: of its files' names, sizes and hashes (``latest`` quotes it)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def finish_sharded(partial: Path, state: dict[str, Any], step: int, keep_last: int, manifest: dict[str, Any]) -> Path:
+    """Rank 0, once every rank's shards are in ``partial``: add ``state`` (what is not sharded) as
+    ``trainer.pt``, hash every file, rename the directory to ``step-N``, then write the manifest and
+    ``latest`` and keep the last ``keep_last`` checkpoints, as :func:`save` does for one file."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(partial / TRAINER_FILE, buffer.getvalue())
+    files = {f.name: _file_digest(f) for f in sorted(partial.iterdir()) if f.is_file()}
+    directory = partial.parent
+    path = directory / checkpoint_name(step, sharded=True)
+    if path.exists():  # a save of this step whose manifest was never written (killed between the two)
+        shutil.rmtree(path)
+    os.replace(partial, path)
+    fsync_dir(directory)
+    text = _manifest_text(path, step, sum(f["size"] for f in files.values()), _listing_hash(files), manifest, files)
+    write_atomic(path.with_suffix(".json"), text.encode())
+    write_atomic(directory / POINTER, text.encode())
+    prune(directory, keep_last)
+    return path
 
 
 def latest(directory: Path) -> Found | None:
@@ -130,13 +218,14 @@ def latest(directory: Path) -> Found | None:
 def _read_manifest(manifest: Path) -> Found:
     """The checkpoint a manifest (``step-N.json`` or ``latest``, which is a copy of one) describes."""
     info = json.loads(manifest.read_text())
-    return Found(manifest.parent / info["file"], int(info["step"]), str(info["sha256"]), int(info["size"]))
+    path = manifest.parent / info["file"]
+    return Found(path, int(info["step"]), str(info["sha256"]), int(info["size"]), info.get("files"))
 
 
 def has_checkpoints(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds checkpoints of an earlier run."""
     directory = run_dir / DIR_NAME
-    return directory.is_dir() and any(directory.glob("step-*.pt"))
+    return directory.is_dir() and bool(_checkpoints(directory))
 
 
 def remove_all(run_dir: Path) -> None:
@@ -152,6 +241,12 @@ def find(resume: str, run_dir: Path) -> Found | None:
     if resume == "auto":
         return latest(run_dir / DIR_NAME)
     path = Path(resume).expanduser()
+    if (path / SHARDED_MARK).is_file():  # a sharded checkpoint's directory
+        manifest = path.with_suffix(".json")
+        if manifest.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                return _read_manifest(manifest)
+        return Found(path, None, None, None)
     if path.is_dir():
         for directory in (path / DIR_NAME, path):
             found = latest(directory)
@@ -171,8 +266,42 @@ def find(resume: str, run_dir: Path) -> Found | None:
     )
 
 
-def load(found: Found) -> dict[str, Any]:
-    """Read and verify a checkpoint; raise :class:`CheckpointError` if it is truncated, corrupt or foreign."""
+def verify_sharded(found: Found) -> None:
+    """Check every file of a sharded checkpoint against its manifest (size, then SHA-256): a missing, truncated
+    or corrupt shard is named. Reads the whole checkpoint; one rank does it."""
+    for name, promised in (found.files or {}).items():
+        path = found.path / name
+        if not path.is_file():
+            raise CheckpointError(
+                f"checkpoint {found.path} is incomplete: {name} is missing; resume from an earlier one with resume=PATH"
+            )
+        actual = _file_digest(path)
+        if actual["size"] != promised["size"]:
+            raise CheckpointError(
+                f"checkpoint {found.path} is truncated: {name} has {actual['size']} bytes, its manifest says "
+                f"{promised['size']}; resume from an earlier one with resume=PATH"
+            )
+        if actual["sha256"] != promised["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {found.path} is corrupt: the SHA-256 of {name} does not match its manifest; "
+                f"resume from an earlier one with resume=PATH"
+            )
+
+
+def load(found: Found, verify_shards: bool = True) -> dict[str, Any]:
+    """Read and verify a checkpoint; raise :class:`CheckpointError` if it is truncated, corrupt or foreign.
+
+    Of a sharded checkpoint this reads ``trainer.pt`` (its ``"sharded"`` key is the directory to read the
+    shards from, :func:`read_shards`); ``verify_shards`` also checks every shard's hash.
+    """
+    if found.sharded:
+        if not (found.path / SHARDED_MARK).is_file():
+            raise CheckpointError(f"{found.path} is not a checkpoint: a sharded one holds {SHARDED_MARK}")
+        if verify_shards:
+            verify_sharded(found)
+        promised = (found.files or {}).get(TRAINER_FILE, {})
+        trainer = Found(found.path / TRAINER_FILE, found.step, promised.get("sha256"), promised.get("size"))
+        return load(trainer) | {"sharded": str(found.path)}
     path = found.path
     try:
         data = path.read_bytes()
@@ -197,6 +326,48 @@ def load(found: Found) -> dict[str, Any]:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a dtrain checkpoint of format {FORMAT} (format: {got})")
     return state
+
+
+def shard_names(path: Path) -> dict[str, tuple[list[int], torch.dtype]]:
+    """The tensors a sharded checkpoint holds: name -> whole shape and dtype (from its ``.metadata``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    return {
+        name: (list(item.size), item.properties.dtype)
+        for name, item in metadata.state_dict_metadata.items()
+        if isinstance(item, TensorStorageMetadata)
+    }
+
+
+def read_shards(path: Path, tensors: dict[str, Any], process_group: Any = None) -> None:
+    """Fill ``tensors`` (name -> tensor or sharded DTensor, flat) in place from the sharded checkpoint at ``path``,
+    whatever the world size that wrote it (torch.distributed.checkpoint reshards). A collective on ``process_group``
+    where there is one; without one, this process reads alone."""
+    import torch.distributed as torch_dist
+    import torch.distributed.checkpoint as dcp
+
+    alone = not torch_dist.is_initialized()
+    with warnings.catch_warnings():  # reading alone is the point of no_dist, not something to warn about
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), process_group=process_group, no_dist=alone)
+
+
+def _manifest_text(
+    path: Path, step: int, size: int, sha256: str, manifest: dict[str, Any], files: dict[str, Any] | None = None
+) -> str:
+    manifest = manifest | {
+        "file": path.name,
+        "step": step,
+        "size": size,
+        "sha256": sha256,
+        "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "dtrain_version": __version__,
+    }
+    if files is not None:
+        manifest["files"] = files
+    return json.dumps(manifest, indent=2) + "\n"
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -273,9 +444,28 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
+def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
+    """:func:`rng_state` as tensors only (Python's generator as its 625 words and the cached Gaussian, NaN for
+    none), so that a sharded checkpoint holds nothing that must be unpickled to load."""
+    state = rng_state(device)
+    version, internal, gauss = state.pop("python")
+    state["python"] = torch.tensor([version, *internal], dtype=torch.int64)
+    state["python_gauss"] = torch.tensor(math.nan if gauss is None else gauss, dtype=torch.float64)
+    return state
+
+
+def set_rng_tensors(tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what :func:`rng_tensors` captured."""
+    words = [int(w) for w in tensors["python"].tolist()]
+    gauss = float(tensors["python_gauss"])
+    state = {k: v for k, v in tensors.items() if k not in ("python", "python_gauss")}
+    state["python"] = (words[0], tuple(words[1:]), None if math.isnan(gauss) else gauss)
+    set_rng_state(state, device)
+
+
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Restore what :func:`rng_state` captured."""
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].to(torch.uint8))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if device.type == "cuda" and "cuda" in state:

@@ -421,6 +421,37 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """How ``trainer.strategy=fsdp`` shards the model (FSDP2's ``fully_shard``; docs/cluster.md).
+
+    ``wrap`` says which submodules become units of their own, each all-gathered just before its forward and
+    freed after it: ``blocks`` (each top-level child that holds parameters: a transformer's blocks, an MLP's
+    layers), or a list of module class names (``[TransformerBlock]``, ``[Linear]``). The root is always one.
+    """
+
+    wrap: Any = "blocks"  # blocks | [ClassName, ...]
+    reshard_after_forward: bool = True  # free each unit's gathered weights after its forward (less memory)
+    cpu_offload: bool = False  # keep the sharded parameters, gradients and optimizer state in host memory
+
+    def check(self) -> None:
+        wrap = self.wrap
+        names = list(wrap) if isinstance(wrap, (list, tuple)) or _is_list_config(wrap) else None
+        _require(
+            wrap == "blocks" or (names is not None and len(names) > 0 and all(isinstance(n, str) and n for n in names)),
+            f"trainer.fsdp.wrap={wrap!r} is not blocks or a list of module class names (such as [TransformerBlock])",
+        )
+
+
+def _is_list_config(value: Any) -> bool:
+    from omegaconf import ListConfig
+
+    return isinstance(value, ListConfig)
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 100
     max_steps: int | None = None  # stop after this many optimizer steps, if sooner
@@ -439,6 +470,8 @@ class TrainerConfig:
     on_nonfinite: str = "stop"  # stop | skip: what a non-finite loss or gradient does
     max_skipped_steps: int = 5  # on_nonfinite=skip: stop after this many skipped steps in a row
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    strategy: str = "ddp"  # ddp: every rank a full replica | fsdp: parameters, gradients, optimizer state sharded
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)  # trainer.strategy=fsdp's settings
 
     def check(self) -> None:
         """The trainer's own fields; a batch larger than the training set is found when the data is loaded."""
@@ -458,6 +491,8 @@ class TrainerConfig:
         _one_of("trainer.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _positive("trainer.max_skipped_steps", self.max_skipped_steps)
         self.early_stopping.check()
+        _one_of("trainer.strategy", self.strategy, STRATEGIES)
+        self.fsdp.check()
 
 
 @dataclass
@@ -861,6 +896,11 @@ def _check_objective_watchers(config: Config) -> None:
         raise ConfigError(
             f"{watchers[0]} watches objective.metric at evaluations, but objective.metric={metric!r} is not a "
             "validation metric; use auto or a val/ tag such as val/loss"
+        )
+    if config.trainer.strategy == "fsdp" and config.population.size > 1:
+        raise ConfigError(
+            "trainer.strategy=fsdp shards one model across ranks; a population (population.size>1) trains its "
+            "members side by side on each device: use trainer.strategy=ddp"
         )
     if watchers and config.population.size > 1:
         raise ConfigError(f"{watchers[0]} is for a single run; a population (population.size>1) keeps every member")

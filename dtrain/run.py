@@ -25,7 +25,7 @@ from dtrain.data.registry import build_training_data
 from dtrain.data.summary import data_summary, source_of
 from dtrain.errors import PeerFailure, RankLocalError, UserError, first_line
 from dtrain.faults import Faults
-from dtrain.model_file import BEST, FINAL, save_model
+from dtrain.model_file import BEST, FINAL, model_record, save_model
 from dtrain.models import build_initial_model, model_sizes
 from dtrain.population.run import is_population, train_population
 from dtrain.preemption import Preemption
@@ -35,7 +35,7 @@ from dtrain.train.logger import RunLogger, log_to_rank_file, summary_table
 from dtrain.train.metrics import ValMetrics
 from dtrain.train.objective import build_loss, check_fit, check_objective
 from dtrain.train.state import Checkpointer, Progress, prepare_resume
-from dtrain.train.strategy import param_dtype
+from dtrain.train.strategy import check_strategy, param_dtype
 from dtrain.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger("dtrain")
@@ -116,6 +116,7 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     check_objective(config, data, metrics.names)
     model = build_initial_model(config, data)
     check_fit(model.to(env.device, dtype), loss, data, sizes)  # the user's model and loss, on one batch
+    check_strategy(model, config.trainer)  # FSDP cannot shard every model: say so before anything is written
     batches = build_batches(
         data.train,
         config.trainer.batch_size,
@@ -148,7 +149,8 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     # A resumed run re-logs the steps after its checkpoint: TensorBoard drops the crashed attempt's copies.
     purge_step = resumed.step + 1 if resumed else None
     logger = RunLogger(run_dir, env.is_main, config.trainer.progress, purge_step=purge_step)
-    checkpointer = Checkpointer(run_dir, config.checkpoint, env, plain, resumed)
+    record = model_record(config, sizes, dtype, preprocessing)  # what rebuilds the model from a checkpoint
+    checkpointer = Checkpointer(run_dir, config.checkpoint, env, plain, resumed, record)
     try:
         if resumed is None:
             logger.text("config", "```\n" + as_yaml(config) + "\n```")
@@ -156,12 +158,13 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
         with Preemption(env) as preemption:
             faults = Faults(config.fault, env.rank)
 
-            def save_best(model: torch.nn.Module, step: int, val: dict[str, float]) -> None:
-                save_model(run_dir / BEST, model, config, sizes, step, val, preprocessing)
+            def save_best(weights: dict[str, torch.Tensor] | None, step: int, val: dict[str, float]) -> None:
+                if weights is not None:  # rank 0's
+                    save_model(run_dir / BEST, weights, config, sizes, step, val, preprocessing)
 
             trainer = Trainer(
                 model, data, batches, config, env, logger, checkpointer, faults, preemption, loss, metrics,
-                save_best=save_best if config.checkpoint.save_best and env.is_main else None,
+                save_best=save_best if config.checkpoint.save_best else None,
             )  # fmt: skip
             result = trainer.fit()
         summary = results_summary(result, env.world_size, trainer.progress if trainer.watch.active else None)
@@ -169,10 +172,12 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
         logger.hparams(flat_hparams(config), hparam_metrics(summary))
     finally:
         logger.close()
+    # A diverged model's weights are not worth keeping. Gathering a sharded model's is a collective.
+    weights = trainer.strategy.full_state() if result.status == "completed" else None
     if env.is_main:
         write_atomic(run_dir / "metrics.json", metrics_json(summary).encode())
-        if result.status == "completed":  # a diverged model's weights are not worth keeping
-            save_model(run_dir / FINAL, trainer.model, config, sizes, result.steps, result.metrics, preprocessing)
+        if weights is not None:
+            save_model(run_dir / FINAL, weights, config, sizes, result.steps, result.metrics, preprocessing)
             batch = data.train.head(64)
             for name, text in trainer.strategy.run_files(*batch).items():  # the engine's graph.dot (docs/graph.md)
                 write_atomic(run_dir / name, text.encode())

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dtrain import dist
+from dtrain import checkpoint, dist
 from dtrain.atomic import write_atomic
 from dtrain.config import Config, load
 from dtrain.data import build_dataset, shard_bounds
@@ -30,13 +30,21 @@ from dtrain.model_file import TrainedModel, read_model
 FORMATS = (".csv", ".npz")
 
 
+def run_dir_of(source: Path) -> Path:
+    """The run directory of ``source``: itself, the directory of its model file, or the run above a checkpoint
+    (``checkpoints/step-N.pt``, or a sharded checkpoint's ``checkpoints/step-N`` directory)."""
+    is_checkpoint = (source / checkpoint.SHARDED_MARK).is_file()
+    run_dir = source if source.is_dir() and not is_checkpoint else source.parent
+    return run_dir.parent if run_dir.name == checkpoint.DIR_NAME else run_dir
+
+
 def run_config(source: Path, overrides: list[str]) -> Config:
     """The run's ``config.yaml`` with ``data.*`` overrides applied, checked as training checks it. A model file
     without its run directory's ``config.yaml`` is read with the defaults and the file that ``data.path`` names."""
     bad = [o for o in overrides if not o.startswith("data.")]
     if bad:
         raise ConfigError(f"dtrain predict takes data.* overrides (e.g. data.path=new.csv), not {bad[0]!r}")
-    run_dir = source if source.is_dir() else source.parent
+    run_dir = run_dir_of(source)
     path = run_dir / "config.yaml"
     if not path.is_file():
         if source.is_file() and any(o.startswith("data.path=") for o in overrides):
@@ -110,7 +118,7 @@ def file_bytes(columns: dict[str, np.ndarray], suffix: str) -> bytes:
 def main(argv: list[str]) -> int:
     """``dtrain predict RUN_DIR [--best] [--out FILE] [--device D] [data.*=...]``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="dtrain predict", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a finished run's directory (or its model file)")
+    parser.add_argument("run_dir", type=Path, help="a finished run's directory, its model file, or a checkpoint")
     parser.add_argument("--best", action="store_true", help="the best model (model_best.pt) rather than the final one")
     parser.add_argument(
         "--out", type=Path, default=Path("predictions.csv"), help=".csv or .npz (default predictions.csv)"
@@ -123,9 +131,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--out {args.out}: no directory {args.out.parent} to write it in")
     if not args.run_dir.exists():
         raise UserError(f"{args.run_dir}: no such run directory or model file")
-    if args.best and not args.run_dir.is_dir():
-        raise UserError(f"--best picks model_best.pt in a run directory; {args.run_dir} is a file: drop --best")
-    run_dir = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent
+    run_dir = run_dir_of(args.run_dir)
+    if args.best and run_dir != args.run_dir:
+        raise UserError(f"--best picks model_best.pt in a run directory; {args.run_dir} is not one: drop --best")
     config = run_config(args.run_dir, overrides)
     env = dist.setup(args.device, config.dist.backend, config.dist.timeout_s, config.dist.checkpoint_timeout_s)
     try:
@@ -145,7 +153,7 @@ def main(argv: list[str]) -> int:
         if parts is not None:
             columns = {name: np.concatenate([part[name] for part in parts]) for name in mine}
             write_atomic(args.out, file_bytes(columns, args.out.suffix.lower()))
-            which = "best" if args.best else "final"
+            which = "best" if args.best else "final" if run_dir == args.run_dir else f"step {trained.record['step']}"
             print(f"predictions: {len(x)} rows from the {which} model of {run_dir} -> {args.out}")
         dist.barrier(env)
     finally:

@@ -2,7 +2,7 @@
 
 Metrics are sums over rows reduced across ranks in one collective, so shards of any size give the
 exact mean; each slice is evaluated ``chunk`` rows at a time, so evaluation needs no more memory than
-training.
+training, and every rank runs the same number of forwards (a sharded model's forward gathers weights).
 """
 
 from __future__ import annotations
@@ -47,9 +47,13 @@ def evaluate(
     with torch.no_grad():
         for suffix, split in val.items():
             start, stop = shard_bounds(len(split), env.rank, env.world_size)
+            # Every rank runs as many forwards as the largest slice needs, those past its own rows on no rows:
+            # a sharded model's forward is a collective. An empty slice still yields zero sums.
+            rounds = max(1, -(-shard_bounds(len(split), 0, env.world_size)[1] // chunk))
             sums: dict[str, torch.Tensor] = {}
             metrics.reset()
-            for lo in range(start, max(stop, start + 1), chunk):  # an empty slice still yields zero sums
+            for lo in range(start, start + rounds * chunk, chunk):
+                lo = min(lo, stop)
                 hi = min(lo + chunk, stop)
                 x, target = split.rows(lo, hi)
                 output = predict(x)

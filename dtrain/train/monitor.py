@@ -10,12 +10,10 @@ small device op for clipping statistics and nothing else.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from dtrain.train.grads import clip_gradients, grad_norms
+from dtrain.train.grads import SumShards, clip_gradients, grad_norms, local, max_abs, whole_norms
 from dtrain.train.logger import RunLogger
 
 MAX_SCALAR_PARAMETERS = 32  # log parameter values when the model is at most this many scalars
@@ -23,7 +21,9 @@ MAX_SCALAR_PARAMETERS = 32  # log parameter values when the model is at most thi
 
 class StepMonitor:
     """Collects the step statistics of one rank; the values are the same on every rank (the gradients
-    are all-reduced before any of this runs), so they need no further reduction."""
+    are all-reduced before any of this runs), so they need no further reduction. Where each rank holds a
+    shard of every parameter (``sum_shards`` given), each statistic is summed over the shards first, in
+    one collective for all parameters, so the same tags mean the same numbers as under DDP."""
 
     def __init__(
         self,
@@ -33,15 +33,18 @@ class StepMonitor:
         histogram_every: int,
         logger: RunLogger,
         device: torch.device,
+        sum_shards: SumShards | None = None,
     ) -> None:
         self.named = named_params
+        self.sum_shards = sum_shards
         self.params = [p for _, p in named_params]
         self.clip_value = clip_value
         self.clip_norm = clip_norm
         self.histogram_every = histogram_every
         self.logger = logger
         self.clipped = torch.zeros((), dtype=torch.float64, device=device)  # clipped steps since the last log
-        self.scalar_model = len(self.params) <= MAX_SCALAR_PARAMETERS and all(p.numel() == 1 for p in self.params)
+        few_scalars = len(self.params) <= MAX_SCALAR_PARAMETERS and all(p.numel() == 1 for p in self.params)
+        self.scalar_model = sum_shards is None and few_scalars
         self._norms: torch.Tensor | None = None
         self._names: list[str] = []
         self._before: list[torch.Tensor] | None = None
@@ -52,19 +55,21 @@ class StepMonitor:
         """Before the optimizer step: at a logging step record the gradient norms (and histograms when due)
         and the weights; then clip, counting whether clipping acted."""
         if log_now:
-            self._norms, self._names = grad_norms(self.named)
-            self._before = [p.detach().clone() for p in self.params]
+            self._norms, self._names = grad_norms(self.named, self.sum_shards)
+            self._before = [local(p.detach()).clone() for p in self.params]
         if self.histogram_every and step % self.histogram_every == 0:  # a host copy: only when asked for
             for name, p in self.named:
-                self.logger.histogram(f"weights/{name}", p, step)
+                self.logger.histogram(f"weights/{name}", whole(p.detach()), step)
                 if p.grad is not None:
-                    self.logger.histogram(f"grads/{name}", p.grad, step)
+                    self.logger.histogram(f"grads/{name}", whole(p.grad), step)
         acted = None
         if self.clip_value is not None:
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
-                acted = torch.stack(torch._foreach_norm(grads, math.inf)).max() > self.clip_value
-        total = clip_gradients(self.params, self.clip_value, self.clip_norm)
+                acted = max_abs(grads) > self.clip_value
+                if self.sum_shards is not None:  # clipping acted if it acted on any rank's shard
+                    acted = self.sum_shards(acted.to(torch.float64)) > 0
+        total = clip_gradients(self.params, self.clip_value, self.clip_norm, self.sum_shards)
         if total is not None:
             over = total > self.clip_norm
             acted = over if acted is None else acted | over
@@ -80,11 +85,11 @@ class StepMonitor:
             parts.append(self._norms.to(torch.float64))
             tags += [f"grad_norm/{n}" for n in self._names]
         if self._before is not None:
-            deltas = torch._foreach_sub([p.detach() for p in self.params], self._before)
-            ratio = torch.stack(torch._foreach_norm(deltas)) / torch.stack(torch._foreach_norm(self._before)).clamp_min(
-                1e-30
-            )
-            parts.append(ratio.to(torch.float64))
+            deltas = torch._foreach_sub([local(p.detach()) for p in self.params], self._before)
+            # The steps' norms and the weights' in one vector: one sum over the shards for both.
+            both = whole_norms([*deltas, *self._before], self.sum_shards)
+            ratio = both[: len(deltas)] / both[len(deltas) :].clamp_min(1e-30)
+            parts.append(ratio)
             tags += [f"update_ratio/{name}" for name, _ in self.named]
         if self.scalar_model:
             parts.append(torch.stack([p.detach().reshape(()) for p in self.params]).to(torch.float64))
@@ -99,6 +104,12 @@ class StepMonitor:
     def reset(self) -> None:
         """After a logging step: start counting clipped steps afresh."""
         self.clipped.zero_()
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole on every rank: a sharded tensor gathered (a collective), any other as it is."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else tensor
 
 
 def custom_scalars_layout(monitor: StepMonitor, has_val: bool, on_gpu: bool) -> dict[str, dict[str, list]]:

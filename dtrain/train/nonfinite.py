@@ -16,6 +16,7 @@ from torch import nn
 
 from dtrain.config import OptimConfig, TrainerConfig
 from dtrain.dist import DistEnv, all_reduce_sum, current_op
+from dtrain.train.grads import local
 from dtrain.train.state import Progress
 
 log = logging.getLogger("dtrain")
@@ -85,10 +86,10 @@ class NonFinitePolicy:
 
 
 def all_finite(step_loss: torch.Tensor, params: list[nn.Parameter], env: DistEnv, step: int) -> bool:
-    """Whether this step's loss on every rank and the (all-reduced) gradients are finite: the same answer
-    on every rank, from one collective."""
-    grads = [p.grad for p in params if p.grad is not None]
-    local = torch.stack([step_loss.detach().double().sum(), *(g.double().sum() for g in grads)]).sum()
-    bad = (~torch.isfinite(local)).to(torch.float64).reshape(1)
+    """Whether this step's loss on every rank and the (all-reduced) gradients, or every rank's shards of them,
+    are finite: the same answer on every rank, from one collective."""
+    grads = [local(p.grad) for p in params if p.grad is not None]  # under FSDP each rank checks its shards
+    local_sum = torch.stack([step_loss.detach().double().sum(), *(g.double().sum() for g in grads)]).sum()
+    bad = (~torch.isfinite(local_sum)).to(torch.float64).reshape(1)
     current_op("non-finite check all-reduce", step)
     return all_reduce_sum(bad, env).item() == 0

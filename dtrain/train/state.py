@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as torch_dist
@@ -23,6 +23,10 @@ from dtrain import checkpoint
 from dtrain.checkpoint import CheckpointError, Found
 from dtrain.config import CheckpointConfig, OptimConfig
 from dtrain.dist import DistEnv, broadcast_str, current_op, first_error, gather_to_main
+from dtrain.errors import first_line
+
+if TYPE_CHECKING:
+    from dtrain.train.strategy import Strategy
 
 log = logging.getLogger("dtrain")
 
@@ -92,7 +96,7 @@ def prepare_resume(
     try:
         found = checkpoint.find(chosen, run_dir)
         assert found is not None
-        state = checkpoint.load(found)
+        state = checkpoint.load(found, verify_shards=env.is_main)  # one rank reads every shard to check it
         changes = checkpoint.config_changes(
             state["config"], config, int(state["world_size"]), env.world_size, cfg.allow_changes, found.path
         )
@@ -122,7 +126,15 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Pat
 
 
 class Checkpointer:
-    """Saves the full state when the loop asks (the cadence says when); restores a :class:`Resumed`."""
+    """Saves the full state when the loop asks (the cadence says when); restores a :class:`Resumed`.
+
+    Under DDP rank 0 writes one file, with every rank's generators gathered to it. Under a sharded
+    strategy every rank writes its own shards of the weights and the optimizer state, and its own
+    generators and loss sums under its own key (``rank<N>.*``: torch.distributed.checkpoint keeps one copy
+    of tensors that share a name); rank 0 adds what every rank holds alike (:mod:`dtrain.checkpoint`).
+    ``model_record`` is what rebuilding the model needs (:func:`dtrain.model_file.model_record`), kept in
+    every checkpoint so that ``dtrain.load`` and ``dtrain predict`` can read one.
+    """
 
     def __init__(
         self,
@@ -131,17 +143,19 @@ class Checkpointer:
         env: DistEnv,
         config: dict[str, Any],
         resumed: Resumed | None = None,
+        model_record: dict[str, Any] | None = None,
     ) -> None:
         self.directory = run_dir / checkpoint.DIR_NAME
         self.cfg = cfg
         self.env = env
         self.config = config
         self.resumed = resumed
+        self.model_record = model_record
         self.saved_at = resumed.step if resumed else -1
 
     def save(
         self,
-        model: nn.Module,
+        strategy: Strategy,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         progress: Progress,
@@ -152,32 +166,24 @@ class Checkpointer:
         step, env = progress.step, self.env
         if self.saved_at == step:
             return
-        current_op("checkpoint: gathering every rank's random generators", step)
-        rngs = gather_to_main(checkpoint.rng_state(env.device), env)
-        error = ""
-        if env.is_main:
-            state = {
-                "format": checkpoint.FORMAT,
-                "config": self.config,
-                "world_size": env.world_size,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "progress": dataclasses.asdict(progress),
-                "sums": {name: t.detach().cpu() for name, t in sums.items()},  # accumulated since the last log
-                "rng": rngs,
-                "data_order": data_order,
-                "grad_scaler": None,  # dtrain trains in float32/float64 or bf16 autocast: nothing to scale
-            }
-            manifest = {"config_hash": checkpoint.config_hash(self.config), "world_size": env.world_size}
-            fingerprint = self.config.get("data", {}).get("fingerprint")  # the data files (data.fingerprint)
-            if fingerprint:
-                manifest["data_fingerprint"] = fingerprint
-            try:
-                path = checkpoint.save(self.directory, state, step, self.cfg.keep_last, manifest)
-                log.info("checkpoint: %s", path)
-            except OSError as exc:
-                error = f"cannot write a checkpoint in {self.directory}: {exc.strerror or exc}"
+        common = {
+            "format": checkpoint.FORMAT,
+            "config": self.config,
+            "world_size": env.world_size,
+            "scheduler": scheduler.state_dict(),
+            "progress": dataclasses.asdict(progress),
+            "data_order": data_order,
+            "model_record": self.model_record,  # for dtrain.load and dtrain predict
+            "grad_scaler": None,  # dtrain trains in float32/float64 or bf16 autocast: nothing to scale
+        }
+        manifest = {"config_hash": checkpoint.config_hash(self.config), "world_size": env.world_size}
+        fingerprint = self.config.get("data", {}).get("fingerprint")  # the data files (data.fingerprint)
+        if fingerprint:
+            manifest["data_fingerprint"] = fingerprint
+        if strategy.sharded:
+            error = self._save_sharded(strategy, optimizer, sums, common, manifest, step)
+        else:
+            error = self._save_file(strategy.model, optimizer, sums, common, manifest, step)
         if env.distributed:  # every rank learns whether rank 0's write worked (and waits for it)
             current_op("checkpoint: waiting for rank 0 to write it", step)
             box = [error]
@@ -187,9 +193,79 @@ class Checkpointer:
             raise CheckpointError(f"{error}; the previous checkpoint is intact")
         self.saved_at = step
 
-    def restore(
+    def _save_file(
         self,
         model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        sums: dict[str, torch.Tensor],
+        common: dict[str, Any],
+        manifest: dict[str, Any],
+        step: int,
+    ) -> str:
+        """One file by rank 0, with every rank's generators gathered to it; rank 0's error, if any."""
+        env = self.env
+        current_op("checkpoint: gathering every rank's random generators", step)
+        rngs = gather_to_main(checkpoint.rng_state(env.device), env)
+        if not env.is_main:
+            return ""
+        state = common | {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "sums": {name: t.detach().cpu() for name, t in sums.items()},  # accumulated since the last log
+            "rng": rngs,
+        }
+        try:
+            path = checkpoint.save(self.directory, state, step, self.cfg.keep_last, manifest)
+            log.info("checkpoint: %s", path)
+        except OSError as exc:
+            return f"cannot write a checkpoint in {self.directory}: {exc.strerror or exc}"
+        return ""
+
+    def _save_sharded(
+        self,
+        strategy: Strategy,
+        optimizer: torch.optim.Optimizer,
+        sums: dict[str, torch.Tensor],
+        common: dict[str, Any],
+        manifest: dict[str, Any],
+        step: int,
+    ) -> str:
+        """Every rank its shards into a partial directory, then rank 0 the rest and the rename; rank 0's error."""
+        env = self.env
+        current_op("checkpoint: preparing its directory", step)
+        error = ""
+        partial = checkpoint.partial_path(self.directory, step)
+        if env.is_main:
+            try:
+                checkpoint.start_sharded(self.directory, step)
+            except OSError as exc:
+                error = f"cannot write a checkpoint in {self.directory}: {exc.strerror or exc}"
+        if error := first_error(error, env):
+            return error
+        model_state, optim_state = strategy.sharded_state(optimizer)  # type: ignore[attr-defined]
+        optim_tensors, optim_rest = split_optimizer_state(optim_state)
+        own = {"rng": checkpoint.rng_tensors(env.device), "sums": {k: t.detach() for k, t in sums.items()}}
+        current_op("checkpoint: writing every rank's shards", step)
+        try:
+            shards = {"model": model_state, "optimizer": optim_tensors, f"rank{env.rank}": own}
+            checkpoint.write_shards(partial, shards, env.checkpoint_group)
+        except Exception as exc:  # an OSError on any rank reaches every rank as DCP's CheckpointException
+            error = f"cannot write a checkpoint in {self.directory}: {first_line(exc)}"
+        if error := first_error(error, env):
+            return error
+        if not env.is_main:
+            return ""
+        state = common | {"optimizer": optim_rest}
+        try:
+            path = checkpoint.finish_sharded(partial, state, step, self.cfg.keep_last, manifest)
+            log.info("checkpoint: %s (sharded, %d ranks)", path, env.world_size)
+        except OSError as exc:
+            return f"cannot write a checkpoint in {self.directory}: {exc.strerror or exc}"
+        return ""
+
+    def restore(
+        self,
+        strategy: Strategy,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LambdaLR,
         optim_cfg: OptimConfig,
@@ -198,20 +274,86 @@ class Checkpointer:
         """Load the resumed state into the freshly built objects; return the progress to continue from."""
         assert self.resumed is not None
         state, changes, env = self.resumed.state, self.resumed.changes, self.env
-        load_model_state(model, state["model"], self.resumed.found.path)
-        optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:
+            own = self._restore_shards(strategy, optimizer, Path(state["sharded"]), state["optimizer"])
+            if own is not None:
+                checkpoint.set_rng_tensors(own["rng"], env.device)
+                for name, tensor in sums.items():
+                    tensor.copy_(own["sums"][name])
+            # else: a rank the saved run did not have (checkpoint.allow_changes=[world_size]): fresh seed, no sums
+        else:
+            load_model_state(strategy.model, state["model"], self.resumed.found.path)
+            optimizer.load_state_dict(state["optimizer"])
+            rngs = state["rng"]
+            if env.rank < len(rngs):
+                checkpoint.set_rng_state(rngs[env.rank], env.device)
+            for name, tensor in sums.items():
+                tensor.copy_(state["sums"][name])
         scheduler.load_state_dict(state["scheduler"])
         _apply_optim_changes(optimizer, scheduler, optim_cfg, changes)
-        rngs = state["rng"]
-        if env.rank < len(rngs):
-            checkpoint.set_rng_state(rngs[env.rank], env.device)
-        # else: a rank the saved run did not have (checkpoint.allow_changes=[world_size]) keeps its fresh seed
-        for name, tensor in sums.items():
-            tensor.copy_(state["sums"][name])
         progress = Progress(**state["progress"])
         note = f" (changed: {', '.join(changes)})" if changes else ""
         log.info("resumed from %s at step %d%s", self.resumed.found.path, progress.step, note)
         return progress
+
+    def _restore_shards(
+        self, strategy: Strategy, optimizer: torch.optim.Optimizer, path: Path, optim_rest: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Read a sharded checkpoint into the model and the optimizer (resharded to this world size); return this
+        rank's own saved state (generators, loss sums), or None where the saved run had no such rank."""
+        env = self.env
+        model_state, optim_state = strategy.sharded_state(optimizer)  # type: ignore[attr-defined]
+        optim_tensors, _ = split_optimizer_state(optim_state)
+        saved = checkpoint.shard_names(path)
+        check_shards_fit(model_state, saved, path)
+        wanted: dict[str, Any] = {"model": model_state, "optimizer": optim_tensors}
+        own_key = f"rank{env.rank}"
+        mine = {n: torch.empty(size, dtype=dtype) for n, (size, dtype) in saved.items() if n.startswith(f"{own_key}.")}
+        if mine:
+            wanted |= mine  # flat names, as saved: rank<N>.rng.torch, rank<N>.sums.loss, ...
+        current_op("checkpoint: reading the shards")
+        checkpoint.read_shards(path, wanted, env.checkpoint_group)
+        strategy.load_sharded_state(optimizer, model_state, join_optimizer_state(optim_tensors, optim_rest))  # type: ignore[attr-defined]
+        if not mine:
+            return None
+        own: dict[str, dict[str, torch.Tensor]] = {"rng": {}, "sums": {}}
+        for name, tensor in mine.items():
+            part, key = name[len(own_key) + 1 :].split(".", 1)
+            own[part][key] = tensor
+        return own
+
+
+def split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An optimizer state dict by parameter name split into its tensors (per-parameter state, saved as shards)
+    and the rest (param groups, and state that is not a tensor), which rank 0 keeps in ``trainer.pt``: the
+    shards then hold tensors only, and a checkpoint loads without unpickling anything."""
+    entries = state["state"].items()
+    tensors = {name: {k: v for k, v in entry.items() if torch.is_tensor(v)} for name, entry in entries}
+    others = {name: {k: v for k, v in entry.items() if not torch.is_tensor(v)} for name, entry in entries}
+    return tensors, {"state": others, "param_groups": state["param_groups"]}
+
+
+def join_optimizer_state(tensors: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`split_optimizer_state`."""
+    names = set(tensors) | set(rest["state"])
+    state = {name: {**rest["state"].get(name, {}), **tensors.get(name, {})} for name in names}
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def check_shards_fit(model_state: dict[str, Any], saved: dict[str, tuple[list[int], torch.dtype]], path: Path) -> None:
+    """One line naming the first parameter that a sharded checkpoint lacks, or holds in another (whole) shape."""
+    saved_model = {n.removeprefix("model."): shape for n, (shape, _) in saved.items() if n.startswith("model.")}
+    missing = sorted(set(model_state) - set(saved_model))
+    unexpected = sorted(set(saved_model) - set(model_state))
+    if missing or unexpected:
+        detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(f"checkpoint {path} does not fit the model: {detail}")
+    for name, tensor in model_state.items():
+        if list(tensor.shape) != saved_model[name]:  # a DTensor's shape is the whole parameter's
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the model: {name} has shape {saved_model[name]} there, "
+                f"{list(tensor.shape)} here"
+            )
 
 
 def _apply_optim_changes(

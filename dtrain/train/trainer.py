@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from dtrain.config import Config
@@ -39,8 +40,9 @@ from dtrain.train.watch import ObjectiveWatch
 
 log = logging.getLogger("dtrain")
 
-# Rank 0 keeps the best model: called with the model, the step and the validation metrics.
-SaveBest = Callable[[nn.Module, int, dict[str, float]], None]
+# Keeps the best model: called on every rank with the whole weights (rank 0's; None on the others), the step and
+# the validation metrics.
+SaveBest = Callable[[dict[str, torch.Tensor] | None, int, dict[str, float]], None]
 
 
 @dataclass
@@ -58,8 +60,8 @@ class TrainResult:
 class Trainer:
     """Trains one model on one in-memory data set, as ``config`` says; built on every rank alike.
 
-    ``loss`` and ``metrics`` are what it optimises and measures; ``save_best`` (rank 0, with
-    ``checkpoint.save_best``) writes the best model when an evaluation improves on it.
+    ``loss`` and ``metrics`` are what it optimises and measures; ``save_best`` (with ``checkpoint.save_best``)
+    writes the best model when an evaluation improves on it.
     """
 
     def __init__(
@@ -81,13 +83,15 @@ class Trainer:
         self.model = model.to(env.device, param_dtype(trainer.precision))
         self.data, self.batches, self.env, self.logger = data, batches, env, logger
         self.checkpointer, self.faults, self.preemption = checkpointer, faults, preemption
-        self.draws_figures = trainer.figures and env.is_main
-        named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        params = [p for _, p in named_params]
-
         self.loss, self.metrics = loss, metrics.to(env.device, param_dtype(trainer.precision))
         self.watch, self.save_best = ObjectiveWatch(config), save_best
         self.strategy = build_strategy(self.model, env, trainer, loss.fn)
+        # After the strategy: sharding replaces the parameters, and the optimizer must hold the new ones.
+        named_params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named_params]
+        sum_shards = self.strategy.sum_shards if self.strategy.sharded else None
+        # A sharded model's forward is a collective: every rank runs the figures' predictions, rank 0 logs them.
+        self.draws_figures = trainer.figures and (env.is_main or self.strategy.sharded)
         self.cadence = Cadence.of(config, batches.steps_per_epoch)
         self.optimizer = build_optimizer(params, optim)
         length = schedule_length(schedule, self.cadence.total_steps, batches.steps_per_epoch)
@@ -96,14 +100,20 @@ class Trainer:
         self.lr_each_step = moves and schedule.interval != "epoch"
         self.lr_each_epoch = moves and schedule.interval == "epoch"
         self.monitor = StepMonitor(
-            named_params, trainer.clip_grad_value, trainer.clip_grad_norm, trainer.histogram_every, logger, env.device
+            named_params,
+            trainer.clip_grad_value,
+            trainer.clip_grad_norm,
+            trainer.histogram_every,
+            logger,
+            env.device,
+            sum_shards,
         )
         logger.custom_scalars(custom_scalars_layout(self.monitor, bool(data.val), env.device.type == "cuda"))
         self.nonfinite = NonFinitePolicy(trainer, optim, params, env)
         self.window = LogWindow(self.monitor, env, batches.global_batch, param_dtype(trainer.precision))
         self.progress = Progress()
         if checkpointer.resumed is not None:
-            self.progress = checkpointer.restore(model, self.optimizer, self.scheduler, optim, self.window.sums)
+            self.progress = checkpointer.restore(self.strategy, self.optimizer, self.scheduler, optim, self.window.sums)
         self.watch.adopt(self.progress)
         self.stopwatch = Stopwatch(self.progress.train_seconds, self.progress.wall_seconds)
         self.figured_at: int | None = None
@@ -200,10 +210,13 @@ class Trainer:
             self.logger.scalars(step, val)
             self.progress.metrics.update(val)
             self.progress.evaluated_at = step
+            # Every rank sees the same reduced metrics, so every rank enters the (sharded) gathering alike.
             if self.watch.active and self.watch.observe(self.progress, val) and self.save_best is not None:
-                self.save_best(self.model, step, val)
+                self.save_best(self.strategy.full_state(), step, val)
             if self.draws_figures and self.cadence.draws_figures(step, self.figured_at):
-                self.logger.images(step, draw_figures(self.model, data, self.env.device, chunk, self.loss))
+                images = draw_figures(self.model, data, self.env.device, chunk, self.loss)
+                if self.env.is_main:
+                    self.logger.images(step, images)
                 self.figured_at = step
 
     def save_checkpoint(self) -> None:
@@ -214,7 +227,8 @@ class Trainer:
             self.logger.flush()  # the curves up to this checkpoint are on disk before it is
             in_epoch = self.cadence.step_in_epoch(progress.step, progress.epoch)
             data_order = {"seed": self.batches.seed, "epoch": progress.epoch, "step_in_epoch": in_epoch}
-            self.checkpointer.save(self.model, self.optimizer, self.scheduler, progress, self.window.sums, data_order)
+            state = (self.strategy, self.optimizer, self.scheduler, progress, self.window.sums, data_order)
+            self.checkpointer.save(*state)
 
     def preempted_message(self, step: int) -> str:
         return (
