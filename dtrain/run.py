@@ -35,7 +35,7 @@ from dtrain.train.logger import RunLogger, log_to_rank_file, summary_table
 from dtrain.train.metrics import ValMetrics
 from dtrain.train.objective import build_loss, check_fit, check_objective
 from dtrain.train.state import Checkpointer, Progress, prepare_resume
-from dtrain.train.strategy import check_strategy, param_dtype
+from dtrain.train.strategy import build_device, check_strategy, param_dtype
 from dtrain.train.trainer import Trainer, TrainResult
 
 log = logging.getLogger("dtrain")
@@ -115,7 +115,7 @@ def train_single(config: Config, run_dir: Path, env: dist.DistEnv) -> RunResult:
     metrics.check(data.val, env.world_size)
     check_objective(config, data, metrics.names)
     model = build_initial_model(config, data)
-    check_fit(model.to(env.device, dtype), loss, data, sizes)  # the user's model and loss, on one batch
+    check_fit(model.to(build_device(config.trainer, env), dtype), loss, data, sizes)  # the user's model and loss
     check_strategy(model, config.trainer)  # FSDP cannot shard every model: say so before anything is written
     batches = build_batches(
         data.train,

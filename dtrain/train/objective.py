@@ -154,6 +154,9 @@ def check_fit(model: nn.Module, loss: Loss, data: DataSet, sizes: ModelSizes, ro
     Evaluation mode and a forked random state: the check changes nothing the run then does.
     """
     x, y = data.train.head(rows)
+    weight = next(model.parameters(), None)
+    if weight is not None:  # a model to be sharded is checked in host memory (strategy.build_device)
+        x, y = x.to(weight.device), y.to(weight.device)
     was_training = model.training
     model.eval()
     try:

@@ -302,6 +302,13 @@ def strategy_class(model: nn.Module, trainer: TrainerConfig) -> type[Strategy]:
     return chosen
 
 
+def build_device(trainer: TrainerConfig, env: DistEnv) -> torch.device:
+    """Where the model is built and checked before its strategy takes it: the training device, except a model
+    to be sharded over several ranks, which stays in host memory until ``fully_shard`` moves each unit's shard
+    to the device (so a model bigger than one device never has to fit on one)."""
+    return torch.device("cpu") if trainer.strategy == "fsdp" and env.distributed else env.device
+
+
 def check_strategy(model: nn.Module, trainer: TrainerConfig) -> None:
     """Before anything is written: refuse a strategy that cannot train ``model`` (one line, exit 2)."""
     if strategy_class(model, trainer) is FsdpStrategy:

@@ -35,7 +35,7 @@ from dtrain.train.nonfinite import NonFinitePolicy, StopTraining
 from dtrain.train.objective import Loss
 from dtrain.train.state import Checkpointer, Progress
 from dtrain.train.stopwatch import Stopwatch
-from dtrain.train.strategy import build_strategy, param_dtype
+from dtrain.train.strategy import build_device, build_strategy, param_dtype
 from dtrain.train.watch import ObjectiveWatch
 
 log = logging.getLogger("dtrain")
@@ -80,7 +80,7 @@ class Trainer:
         save_best: SaveBest | None = None,
     ) -> None:
         trainer, optim, schedule = config.trainer, config.optim, config.schedule
-        self.model = model.to(env.device, param_dtype(trainer.precision))
+        self.model = model.to(build_device(trainer, env), param_dtype(trainer.precision))
         self.data, self.batches, self.env, self.logger = data, batches, env, logger
         self.checkpointer, self.faults, self.preemption = checkpointer, faults, preemption
         self.loss, self.metrics = loss, metrics.to(env.device, param_dtype(trainer.precision))
