@@ -46,12 +46,14 @@ MLP = (
     "checkpoint.every_n_steps=4",
 )
 # A user's module (tests/user_models.py), plain SGD with momentum and two micro-batches a step: its 1-row
-# head leaves one rank an empty shard.
+# head leaves one rank an empty shard. 61 validation rows in chunks of 10: rank 0 evaluates 4 chunks, rank 1
+# 3 (plus one on no rows, as a sharded forward must be run by every rank). Step 3's loss is NaN on one rank
+# (fault.kind=nan) and the skip policy must skip it on every rank. Weight and gradient histograms.
 USER = (
     "model._target_=tests.user_models.TinyNet",
     "model.width=12",
     "data=moons",
-    "data.num_points=300",
+    "data.num_points=306",
     "optim=sgd",
     "optim.lr=0.2",
     "optim.momentum=0.9",
@@ -60,6 +62,10 @@ USER = (
     "trainer.precision=float64",
     "trainer.max_epochs=2",
     "trainer.clip_grad_value=0.05",
+    "trainer.on_nonfinite=skip",
+    "fault.kind=nan",
+    "fault.step=3",
+    "trainer.histogram_every=5",
 )
 FSDP = "trainer.strategy=fsdp"
 TOLERANCE = 1e-10
@@ -83,9 +89,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         "fsdp": run_dtrain(root / "fsdp", *MLP, FSDP, "checkpoint.save_best=true", nproc=2),
         "ddp": run_dtrain(root / "ddp", *MLP, "checkpoint.save_best=true", nproc=2),
         "one": run_dtrain(root / "one", *MLP),
-        "user_fsdp": run_dtrain(root / "user_fsdp", *USER, FSDP, nproc=2),
-        "user_ddp": run_dtrain(root / "user_ddp", *USER, nproc=2),
-        "user_one": run_dtrain(root / "user_one", *USER),
+        "user_fsdp": run_dtrain(root / "user_fsdp", *USER, FSDP, "fault.rank=1", nproc=2),
+        "user_ddp": run_dtrain(root / "user_ddp", *USER, "fault.rank=1", nproc=2),
+        "user_one": run_dtrain(root / "user_one", *USER, "fault.rank=0"),
     }
     for run in made.values():
         assert_ok(run)
@@ -109,6 +115,8 @@ def test_fsdp_equals_ddp_and_one_process_for_a_user_module(runs: dict[str, Run])
     assert_close(runs["user_fsdp"], runs["user_ddp"])
     assert_close(runs["user_fsdp"], runs["user_one"])
     assert runs["user_fsdp"].metrics["train/clipped_fraction"] > 0  # the value clipping acted, on some shard
+    for name in ("user_fsdp", "user_ddp", "user_one"):
+        assert runs[name].metrics["train/skipped_steps"] == 1, name  # the NaN step, skipped by every rank
 
 
 def test_a_sharded_run_keeps_sharded_checkpoints_and_whole_model_files(runs: dict[str, Run]) -> None:

@@ -204,15 +204,17 @@ class Checkpointer:
     ) -> str:
         """One file by rank 0, with every rank's generators gathered to it; rank 0's error, if any."""
         env = self.env
-        current_op("checkpoint: gathering every rank's random generators", step)
-        rngs = gather_to_main(checkpoint.rng_state(env.device), env)
-        if not env.is_main:
+        current_op("checkpoint: gathering every rank's random generators and loss sums", step)
+        own_sums = {name: t.detach().cpu() for name, t in sums.items()}  # this rank's, since the last log
+        gathered = gather_to_main((checkpoint.rng_state(env.device), own_sums), env)
+        if gathered is None:
             return ""
         state = common | {
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "optimizer": optimizer.state_dict(),
-            "sums": {name: t.detach().cpu() for name, t in sums.items()},  # accumulated since the last log
-            "rng": rngs,
+            "sums": own_sums,  # rank 0's (what checkpoints before rank_sums held)
+            "rank_sums": [rank_sums for _, rank_sums in gathered],
+            "rng": [rng for rng, _ in gathered],
         }
         try:
             path = checkpoint.save(self.directory, state, step, self.cfg.keep_last, manifest)
@@ -284,11 +286,13 @@ class Checkpointer:
         else:
             load_model_state(strategy.model, state["model"], self.resumed.found.path)
             optimizer.load_state_dict(state["optimizer"])
-            rngs = state["rng"]
+            rngs, rank_sums = state["rng"], state.get("rank_sums", [])
             if env.rank < len(rngs):
                 checkpoint.set_rng_state(rngs[env.rank], env.device)
+            # A checkpoint saved mid-way through a logging window (a stop signal) holds each rank's loss sum.
+            own_sums = rank_sums[env.rank] if env.rank < len(rank_sums) else state["sums"]
             for name, tensor in sums.items():
-                tensor.copy_(state["sums"][name])
+                tensor.copy_(own_sums[name])
         scheduler.load_state_dict(state["scheduler"])
         _apply_optim_changes(optimizer, scheduler, optim_cfg, changes)
         progress = Progress(**state["progress"])
