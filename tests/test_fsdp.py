@@ -22,23 +22,16 @@ import pytest
 import torch
 
 from dtrain import checkpoint
-from tests.conftest import REPO, TIMING_METRICS, Run, assert_ok, main_in_process, run_dtrain
+from tests.conftest import REPO, RESUMABLE_RUN, TIMING_METRICS, Run, assert_ok, main_in_process, run_dtrain
 from tests.tb import scalars
 
 pytestmark = pytest.mark.multiprocess
 
-# Adam, a cosine schedule, gradient clipping by norm, shuffled mini-batches (7 steps an epoch), an evaluation
-# every 3 steps: every statistic the monitor sums over shards, and every piece of state a resume restores.
+# The resumable MLP run (Adam, a cosine schedule, shuffled mini-batches, 7 steps an epoch) with gradient
+# clipping by norm and an evaluation every 5 steps: every statistic the monitor sums over shards, and every
+# piece of state a resume restores.
 MLP = (
-    "model=mlp",
-    "model.hidden=[16,16]",
-    "data=sine",
-    "data.num_points=400",
-    "optim=adam",
-    "optim.lr=1e-2",
-    "schedule=cosine",
-    "trainer.batch_size=32",
-    "trainer.precision=float64",
+    *RESUMABLE_RUN,
     "trainer.max_epochs=2",
     "trainer.clip_grad_norm=0.5",
     "trainer.log_every=3",
@@ -267,6 +260,12 @@ def test_what_fsdp_cannot_train_is_refused_in_one_line(overrides: tuple[str, ...
     assert code == 2 and message in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_lr_find_refuses_fsdp_in_one_line(tmp_path: Path) -> None:
+    code, _, stderr = main_in_process("lr-find", "--out", str(tmp_path / "out"), "model=mlp", FSDP)
+    assert code == 2 and "drop trainer.strategy=fsdp" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_mesh_is_on_the_training_device_even_where_cuda_exists(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -272,6 +272,11 @@ def main(argv: list[str]) -> int:
     config = compose_config(overrides)
     if is_population(config):
         raise ConfigError("lr-find makes its own population: drop the population.* overrides")
+    if config.trainer.strategy == "fsdp":  # its rates train side by side as one population on each device
+        raise ConfigError(
+            "lr-find trains its rates as one population on each device, which cannot be sharded: "
+            "drop trainer.strategy=fsdp (the rate it finds holds for the sharded run too)"
+        )
     stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
     out = args.out or Path("outputs") / "lr-find" / stamp
     configured = config.optim.lr
