@@ -170,6 +170,14 @@ def write_shards(partial: Path, tensors: dict[str, Any], process_group: Any = No
         dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
 
 
+def _indexed_files(path: Path) -> set[str]:
+    """The files a sharded checkpoint's ``.metadata`` says its tensors are in."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(path)).read_metadata().storage_data or {}
+    return {str(info.relative_path) for info in storage.values()}
+
+
 def _file_digest(path: Path) -> dict[str, Any]:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -183,14 +191,37 @@ def _listing_hash(files: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
-def finish_sharded(partial: Path, state: dict[str, Any], step: int, keep_last: int, manifest: dict[str, Any]) -> Path:
-    """Rank 0, once every rank's shards are in ``partial``: add ``state`` (what is not sharded) as
-    ``trainer.pt``, hash every file, rename the directory to ``step-N``, then write the manifest and
+def shard_digests(partial: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """The size and SHA-256 of each file ``rank`` wrote into ``partial`` (``__<rank>_<i>.distcp``): every rank
+    hashes its own, so no rank reads another's and the manifest does not depend on what rank 0 can see."""
+    return {f.name: _file_digest(f) for f in sorted(partial.glob(f"__{rank}_*.distcp"))}
+
+
+def finish_sharded(
+    partial: Path,
+    state: dict[str, Any],
+    step: int,
+    keep_last: int,
+    manifest: dict[str, Any],
+    shards: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Rank 0, once every rank's shards are in ``partial`` (``shards``: their digests, :func:`shard_digests`,
+    hashed here where not given): add ``state`` (what is not sharded) as ``trainer.pt``, check that every file
+    the shards' index names is listed, rename the directory to ``step-N``, then write the manifest and
     ``latest`` and keep the last ``keep_last`` checkpoints, as :func:`save` does for one file."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_atomic(partial / TRAINER_FILE, buffer.getvalue())
-    files = {f.name: _file_digest(f) for f in sorted(partial.iterdir()) if f.is_file()}
+    if shards is None:
+        shards = {f.name: _file_digest(f) for f in sorted(partial.glob("*.distcp"))}
+    files = dict(shards) | {name: _file_digest(partial / name) for name in (SHARDED_MARK, TRAINER_FILE)}
+    missing = sorted(_indexed_files(partial) - set(files))
+    if missing:
+        raise CheckpointError(
+            f"{missing[0]} of step {step}'s checkpoint was written by its rank but is not listed: put the run "
+            f"directory on storage every rank shares"
+        )
+    files = dict(sorted(files.items()))
     directory = partial.parent
     path = directory / checkpoint_name(step, sharded=True)
     if path.exists():  # a save of this step whose manifest was never written (killed between the two)
@@ -212,7 +243,9 @@ def latest(directory: Path) -> Found | None:
     try:
         return _read_manifest(pointer)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{pointer} is unreadable ({exc}); resume=PATH with one of the step-*.pt files") from None
+        raise CheckpointError(
+            f"{pointer} is unreadable ({exc}); resume=PATH with one of the step-* checkpoints"
+        ) from None
 
 
 def _read_manifest(manifest: Path) -> Found:
@@ -341,14 +374,14 @@ def shard_names(path: Path) -> dict[str, tuple[list[int], torch.dtype]]:
     }
 
 
-def read_shards(path: Path, tensors: dict[str, Any], process_group: Any = None) -> None:
+def read_shards(path: Path, tensors: dict[str, Any], process_group: Any = None, alone: bool = False) -> None:
     """Fill ``tensors`` (name -> tensor or sharded DTensor, flat) in place from the sharded checkpoint at ``path``,
     whatever the world size that wrote it (torch.distributed.checkpoint reshards). A collective on ``process_group``
-    where there is one; without one, this process reads alone."""
+    where there is a process group, unless ``alone``: then this process reads by itself (whole tensors)."""
     import torch.distributed as torch_dist
     import torch.distributed.checkpoint as dcp
 
-    alone = not torch_dist.is_initialized()
+    alone = alone or not torch_dist.is_initialized()
     with warnings.catch_warnings():  # reading alone is the point of no_dist, not something to warn about
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), process_group=process_group, no_dist=alone)

@@ -144,7 +144,7 @@ def read_model(source: str | Path, best: bool = False, device: str | torch.devic
     module = module.to(dtype)
     if weights is None:  # a sharded checkpoint: its shards, whatever the world size that wrote them, into one module
         weights = module.state_dict()
-        checkpoint.read_shards(given, {"model": weights})
+        checkpoint.read_shards(given, {"model": weights}, alone=True)  # even inside a user's own distributed job
     module.load_state_dict(weights)
     standardizer = Standardizer.from_state(record.get("preprocessing"))
     if standardizer is not None:  # inputs and predictions in the user's units, as the data came

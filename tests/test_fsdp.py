@@ -308,3 +308,18 @@ def test_rank_generators_round_trip_as_tensors() -> None:
     expected = (random.random(), torch.rand(3))
     checkpoint.set_rng_tensors(state, torch.device("cpu"))
     assert random.random() == expected[0] and torch.equal(torch.rand(3), expected[1])
+
+
+def test_a_shard_that_rank_0_was_not_told_of_stops_the_save(tmp_path: Path) -> None:
+    """The manifest lists the digests every rank sends; a file DCP's index names but no rank listed (storage
+    that is not shared) fails the save, and the previous checkpoint stays the latest."""
+    directory = tmp_path / "checkpoints"
+    partial = checkpoint.start_sharded(directory, 1)
+    checkpoint.write_shards(partial, {"model": {"w": torch.ones(4)}})
+    first = checkpoint.finish_sharded(partial, {"format": checkpoint.FORMAT}, 1, 3, {"world_size": 1})
+    partial = checkpoint.start_sharded(directory, 2)
+    checkpoint.write_shards(partial, {"model": {"w": torch.ones(4)}})
+    with pytest.raises(checkpoint.CheckpointError, match=r"__0_0\.distcp of step 2's checkpoint .* not listed"):
+        checkpoint.finish_sharded(partial, {"format": checkpoint.FORMAT}, 2, 3, {"world_size": 1}, shards={})
+    found = checkpoint.latest(directory)
+    assert found is not None and found.path == first

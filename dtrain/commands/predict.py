@@ -153,7 +153,8 @@ def main(argv: list[str]) -> int:
         if parts is not None:
             columns = {name: np.concatenate([part[name] for part in parts]) for name in mine}
             write_atomic(args.out, file_bytes(columns, args.out.suffix.lower()))
-            which = "best" if args.best else "final" if run_dir == args.run_dir else f"step {trained.record['step']}"
+            from_checkpoint = checkpoint.DIR_NAME in (args.run_dir.parent.name, args.run_dir.name)
+            which = f"step {trained.record['step']}" if from_checkpoint else "best" if args.best else "final"
             print(f"predictions: {len(x)} rows from the {which} model of {run_dir} -> {args.out}")
         dist.barrier(env)
     finally:

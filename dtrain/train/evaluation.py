@@ -30,12 +30,14 @@ def evaluate(
     metrics: ValMetrics,
     env: DistEnv,
     chunk: int,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """Validation metrics (``val/loss``, ``val/accuracy``, ``val/f1``, ``val/loss_outer``...) of ``predict``
     (``model``'s forward, run in eval mode) over every rank's disjoint slice of each split.
 
     The loss and the counted accuracy are sums reduced in one all-reduce; torchmetrics reduces its own
-    metrics. Collectives and a host sync: call it on every rank.
+    metrics. Collectives and a host sync: call it on every rank. ``lockstep``: a forward is itself a collective
+    (a sharded model), so every rank runs as many as the largest slice needs.
     """
     if not val:
         return {}
@@ -47,9 +49,10 @@ def evaluate(
     with torch.no_grad():
         for suffix, split in val.items():
             start, stop = shard_bounds(len(split), env.rank, env.world_size)
-            # Every rank runs as many forwards as the largest slice needs, those past its own rows on no rows:
-            # a sharded model's forward is a collective. An empty slice still yields zero sums.
-            rounds = max(1, -(-shard_bounds(len(split), 0, env.world_size)[1] // chunk))
+            # With lockstep every rank runs as many forwards as the largest slice needs, those past its own rows
+            # on no rows. An empty slice still yields zero sums.
+            largest = shard_bounds(len(split), 0, env.world_size)[1] if lockstep else stop - start
+            rounds = max(1, -(-largest // chunk))
             sums: dict[str, torch.Tensor] = {}
             metrics.reset()
             for lo in range(start, start + rounds * chunk, chunk):

@@ -86,10 +86,16 @@ class StepMonitor:
             tags += [f"grad_norm/{n}" for n in self._names]
         if self._before is not None:
             deltas = torch._foreach_sub([local(p.detach()) for p in self.params], self._before)
-            # The steps' norms and the weights' in one vector: one sum over the shards for both.
-            both = whole_norms([*deltas, *self._before], self.sum_shards)
-            ratio = both[: len(deltas)] / both[len(deltas) :].clamp_min(1e-30)
-            parts.append(ratio)
+            if self.sum_shards is None:
+                steps, weights = (
+                    torch.stack(torch._foreach_norm(deltas)),
+                    torch.stack(torch._foreach_norm(self._before)),
+                )
+                ratio = (steps / weights.clamp_min(1e-30)).to(torch.float64)
+            else:  # the steps' norms and the weights' in one vector: one sum over the shards for both
+                both = whole_norms([*deltas, *self._before], self.sum_shards)
+                ratio = both[: len(deltas)] / both[len(deltas) :].clamp_min(1e-30)
+            parts.append(ratio.to(self.clipped.device))
             tags += [f"update_ratio/{name}" for name, _ in self.named]
         if self.scalar_model:
             parts.append(torch.stack([p.detach().reshape(()) for p in self.params]).to(torch.float64))
@@ -107,9 +113,18 @@ class StepMonitor:
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` whole on every rank: a sharded tensor gathered (a collective), any other as it is."""
-    full_tensor = getattr(tensor, "full_tensor", None)
-    return full_tensor() if full_tensor is not None else tensor
+    """``tensor`` whole on every rank: a sharded tensor gathered (a collective), any other as it is. A shard
+    offloaded to the host is gathered on its mesh's device."""
+    if not hasattr(tensor, "full_tensor"):
+        return tensor
+    shard, mesh = tensor.to_local(), tensor.device_mesh
+    if shard.device.type != mesh.device_type:
+        from torch.distributed.tensor import DTensor
+
+        index = torch.cuda.current_device() if mesh.device_type == "cuda" else None
+        on_mesh = shard.to(torch.device(mesh.device_type, index))
+        tensor = DTensor.from_local(on_mesh, mesh, tensor.placements, shape=tensor.shape, stride=tensor.stride())
+    return tensor.full_tensor()
 
 
 def custom_scalars_layout(monitor: StepMonitor, has_val: bool, on_gpu: bool) -> dict[str, dict[str, list]]:

@@ -89,7 +89,8 @@ def all_finite(step_loss: torch.Tensor, params: list[nn.Parameter], env: DistEnv
     """Whether this step's loss on every rank and the (all-reduced) gradients, or every rank's shards of them,
     are finite: the same answer on every rank, from one collective."""
     grads = [local(p.grad) for p in params if p.grad is not None]  # under FSDP each rank checks its shards
-    local_sum = torch.stack([step_loss.detach().double().sum(), *(g.double().sum() for g in grads)]).sum()
+    loss = step_loss.detach().double().sum()
+    local_sum = torch.stack([loss, *(g.double().sum().to(loss.device) for g in grads)]).sum()  # offloaded: host
     bad = (~torch.isfinite(local_sum)).to(torch.float64).reshape(1)
     current_op("non-finite check all-reduce", step)
     return all_reduce_sum(bad, env).item() == 0

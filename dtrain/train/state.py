@@ -255,14 +255,24 @@ class Checkpointer:
             error = f"cannot write a checkpoint in {self.directory}: {first_line(exc)}"
         if error := first_error(error, env):
             return error
-        if not env.is_main:
-            return ""
-        state = common | {"optimizer": optim_rest}
+        # Each rank hashes the files it wrote (every rank reads only its own), and rank 0 collects the digests.
         try:
-            path = checkpoint.finish_sharded(partial, state, step, self.cfg.keep_last, manifest)
-            log.info("checkpoint: %s (sharded, %d ranks)", path, env.world_size)
+            digests, error = checkpoint.shard_digests(partial, env.rank), ""
         except OSError as exc:
-            return f"cannot write a checkpoint in {self.directory}: {exc.strerror or exc}"
+            digests, error = {}, f"cannot read back a checkpoint shard in {partial}: {exc.strerror or exc}"
+        current_op("checkpoint: gathering the shards' digests", step)
+        gathered = gather_to_main((digests, error), env)
+        if gathered is None:
+            return ""
+        if error := next((f"rank {r}: {e}" for r, (_, e) in enumerate(gathered) if e), ""):
+            return error
+        state = common | {"optimizer": optim_rest}
+        files = {name: digest for rank_digests, _ in gathered for name, digest in rank_digests.items()}
+        try:
+            path = checkpoint.finish_sharded(partial, state, step, self.cfg.keep_last, manifest, files)
+            log.info("checkpoint: %s (sharded, %d ranks)", path, env.world_size)
+        except (OSError, CheckpointError) as exc:
+            return f"cannot write a checkpoint in {self.directory}: {getattr(exc, 'strerror', None) or exc}"
         return ""
 
     def restore(
@@ -290,7 +300,10 @@ class Checkpointer:
             if env.rank < len(rngs):
                 checkpoint.set_rng_state(rngs[env.rank], env.device)
             # A checkpoint saved mid-way through a logging window (a stop signal) holds each rank's loss sum.
-            own_sums = rank_sums[env.rank] if env.rank < len(rank_sums) else state["sums"]
+            if env.rank < len(rank_sums):
+                own_sums = rank_sums[env.rank]
+            else:  # a rank the saved run did not have took no step since the last log; before rank_sums: rank 0's
+                own_sums = {k: torch.zeros_like(v) for k, v in state["sums"].items()} if rank_sums else state["sums"]
             for name, tensor in sums.items():
                 tensor.copy_(own_sums[name])
         scheduler.load_state_dict(state["scheduler"])
@@ -308,15 +321,28 @@ class Checkpointer:
         env = self.env
         model_state, optim_state = strategy.sharded_state(optimizer)  # type: ignore[attr-defined]
         optim_tensors, _ = split_optimizer_state(optim_state)
-        saved = checkpoint.shard_names(path)
-        check_shards_fit(model_state, saved, path)
-        wanted: dict[str, Any] = {"model": model_state, "optimizer": optim_tensors}
         own_key = f"rank{env.rank}"
-        mine = {n: torch.empty(size, dtype=dtype) for n, (size, dtype) in saved.items() if n.startswith(f"{own_key}.")}
+        error, mine = "", {}
+        try:  # before the collective read: a rank that cannot go on says so, and every rank stops with it
+            saved = checkpoint.shard_names(path)
+            check_shards_fit(model_state, saved, path)
+            mine = {
+                n: torch.empty(size, dtype=dtype) for n, (size, dtype) in saved.items() if n.startswith(f"{own_key}.")
+            }
+        except CheckpointError as exc:
+            error = str(exc)
+        except Exception as exc:  # an unreadable .metadata
+            error = f"checkpoint {path} is unreadable: {first_line(exc)}"
+        if error := first_error(error, env):
+            raise CheckpointError(error)
+        wanted: dict[str, Any] = {"model": model_state, "optimizer": optim_tensors}
         if mine:
             wanted |= mine  # flat names, as saved: rank<N>.rng.torch, rank<N>.sums.loss, ...
         current_op("checkpoint: reading the shards")
-        checkpoint.read_shards(path, wanted, env.checkpoint_group)
+        try:  # DCP gathers every rank's read errors and raises them on every rank
+            checkpoint.read_shards(path, wanted, env.checkpoint_group)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {path} cannot be read into this run: {first_line(exc)}") from None
         strategy.load_sharded_state(optimizer, model_state, join_optimizer_state(optim_tensors, optim_rest))  # type: ignore[attr-defined]
         if not mine:
             return None

@@ -160,8 +160,10 @@ class FsdpStrategy(AutogradStrategy):
 
         cfg = trainer.fsdp
         policy = MixedPrecisionPolicy()
-        if self.mixed:  # bf16 weights for compute, gradients reduced and kept in float32
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.mixed:  # bf16 weights for compute; the output (so the loss) and the gradients in float32, as autocast
+            policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
+            )
         options = {
             "mesh": fsdp_mesh(self.env),
             "reshard_after_forward": cfg.reshard_after_forward,
@@ -173,12 +175,18 @@ class FsdpStrategy(AutogradStrategy):
         for unit in shard_units(model, cfg):
             fully_shard(unit, **options)
         fully_shard(model, **options)  # the root: whatever parameters no unit took
-        if self.env.backend == "gloo" and hasattr(model, "set_force_sum_reduction_for_comms"):
-            # gloo has been seen to sum where FSDP asked it to average (PyTorch issue 162338): sum, then divide.
-            model.set_force_sum_reduction_for_comms(True)
+        if self.env.backend == "gloo":
+            # gloo has been seen to sum where FSDP asked it to average (PyTorch issue 162338): every unit sums,
+            # then divides. (Each unit keeps its own setting; the method exists from torch 2.7.)
+            for unit in model.modules():
+                if hasattr(unit, "set_force_sum_reduction_for_comms"):
+                    unit.set_force_sum_reduction_for_comms(True)
         return model
 
     def sum_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "cpu" and self.env.cpu_group is not None:  # offloaded shards beside NCCL: gloo
+            torch.distributed.all_reduce(tensor, group=self.env.cpu_group)
+            return tensor
         return all_reduce_sum(tensor, self.env)
 
     def full_state(self) -> dict[str, torch.Tensor] | None:

@@ -206,7 +206,8 @@ class Trainer:
         with self.stopwatch.aside():  # evaluation ends in a host sync: this is its real cost
             current_op("evaluation metrics all-reduce", step)
             chunk = self.batches.micro_batch
-            val = evaluate(self.model, self.strategy.predict, data.val, self.loss, self.metrics, self.env, chunk)
+            predict, lockstep = self.strategy.predict, self.strategy.sharded
+            val = evaluate(self.model, predict, data.val, self.loss, self.metrics, self.env, chunk, lockstep)
             self.logger.scalars(step, val)
             self.progress.metrics.update(val)
             self.progress.evaluated_at = step
