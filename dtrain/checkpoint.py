@@ -35,6 +35,7 @@ import os
 import random
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,9 +166,17 @@ def write_shards(partial: Path, tensors: dict[str, Any], process_group: Any = No
 
     writer = dcp.FileSystemWriter(str(partial), sync_files=True)
     alone = not torch_dist.is_initialized()
-    with warnings.catch_warnings():  # one process writing alone (a one-process run) is the point of no_dist
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _quiet_when_alone():
         dcp.save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
+
+
+@contextlib.contextmanager
+def _quiet_when_alone() -> Iterator[None]:
+    """DCP warns that it reads or writes in a single process whenever there is no process group: for a
+    one-process run and for ``dtrain.load`` that is the point, not something to warn about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _indexed_files(path: Path) -> set[str]:
@@ -203,17 +212,15 @@ def finish_sharded(
     step: int,
     keep_last: int,
     manifest: dict[str, Any],
-    shards: dict[str, dict[str, Any]] | None = None,
+    shards: dict[str, dict[str, Any]],
 ) -> Path:
-    """Rank 0, once every rank's shards are in ``partial`` (``shards``: their digests, :func:`shard_digests`,
-    hashed here where not given): add ``state`` (what is not sharded) as ``trainer.pt``, check that every file
-    the shards' index names is listed, rename the directory to ``step-N``, then write the manifest and
-    ``latest`` and keep the last ``keep_last`` checkpoints, as :func:`save` does for one file."""
+    """Rank 0, once every rank's shards are in ``partial`` (``shards``: their digests, every rank's
+    :func:`shard_digests`): add ``state`` (what is not sharded) as ``trainer.pt``, check that every file the
+    shards' index names is listed, rename the directory to ``step-N``, then write the manifest and ``latest``
+    and keep the last ``keep_last`` checkpoints, as :func:`save` does for one file."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_atomic(partial / TRAINER_FILE, buffer.getvalue())
-    if shards is None:
-        shards = {f.name: _file_digest(f) for f in sorted(partial.glob("*.distcp"))}
     files = dict(shards) | {name: _file_digest(partial / name) for name in (SHARDED_MARK, TRAINER_FILE)}
     missing = sorted(_indexed_files(partial) - set(files))
     if missing:
@@ -274,11 +281,13 @@ def find(resume: str, run_dir: Path) -> Found | None:
     if resume == "auto":
         return latest(run_dir / DIR_NAME)
     path = Path(resume).expanduser()
-    if (path / SHARDED_MARK).is_file():  # a sharded checkpoint's directory
+    if path.is_file() or (path / SHARDED_MARK).is_file():  # a checkpoint file, or a sharded one's directory
         manifest = path.with_suffix(".json")
         if manifest.is_file():
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            try:
                 return _read_manifest(manifest)
+            except (OSError, ValueError, KeyError, TypeError):
+                pass  # an unreadable manifest: load unverified, as a checkpoint without one
         return Found(path, None, None, None)
     if path.is_dir():
         for directory in (path / DIR_NAME, path):
@@ -286,14 +295,6 @@ def find(resume: str, run_dir: Path) -> Found | None:
             if found is not None:
                 return found
         raise CheckpointError(f"resume={resume}: that directory holds no checkpoint (no {DIR_NAME}/{POINTER} in it)")
-    if path.is_file():
-        manifest = path.with_suffix(".json")
-        if manifest.is_file():
-            try:
-                return _read_manifest(manifest)
-            except (OSError, ValueError, KeyError, TypeError):
-                pass  # an unreadable manifest: load unverified, as a file without one
-        return Found(path, None, None, None)
     raise CheckpointError(
         f"resume={resume}: no such file or directory; use auto, never, a run directory or a checkpoint file"
     )
@@ -382,8 +383,7 @@ def read_shards(path: Path, tensors: dict[str, Any], process_group: Any = None, 
     import torch.distributed.checkpoint as dcp
 
     alone = alone or not torch_dist.is_initialized()
-    with warnings.catch_warnings():  # reading alone is the point of no_dist, not something to warn about
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _quiet_when_alone():
         dcp.load(tensors, storage_reader=dcp.FileSystemReader(str(path)), process_group=process_group, no_dist=alone)
 
 

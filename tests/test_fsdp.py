@@ -212,7 +212,8 @@ SHARDED_SAVER = textwrap.dedent(
     for step in range(1, 10_000):
         partial = checkpoint.start_sharded(directory, step)
         checkpoint.write_shards(partial, {"model": {"w": torch.full((400_000,), float(step))}})
-        checkpoint.finish_sharded(partial, {"format": checkpoint.FORMAT, "step": step}, step, 2, {"world_size": 1})
+        state, shards = {"format": checkpoint.FORMAT, "step": step}, checkpoint.shard_digests(partial, 0)
+        checkpoint.finish_sharded(partial, state, step, 2, {"world_size": 1}, shards)
         if step == 1:
             print("saved", flush=True)
     """
@@ -316,7 +317,8 @@ def test_a_shard_that_rank_0_was_not_told_of_stops_the_save(tmp_path: Path) -> N
     directory = tmp_path / "checkpoints"
     partial = checkpoint.start_sharded(directory, 1)
     checkpoint.write_shards(partial, {"model": {"w": torch.ones(4)}})
-    first = checkpoint.finish_sharded(partial, {"format": checkpoint.FORMAT}, 1, 3, {"world_size": 1})
+    shards = checkpoint.shard_digests(partial, 0)
+    first = checkpoint.finish_sharded(partial, {"format": checkpoint.FORMAT}, 1, 3, {"world_size": 1}, shards)
     partial = checkpoint.start_sharded(directory, 2)
     checkpoint.write_shards(partial, {"model": {"w": torch.ones(4)}})
     with pytest.raises(checkpoint.CheckpointError, match=r"__0_0\.distcp of step 2's checkpoint .* not listed"):

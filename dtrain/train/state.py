@@ -110,19 +110,24 @@ def prepare_resume(
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """``model.load_state_dict(state)``, strictly, with a one-line error naming the first mismatch."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    own = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    check_weights_fit(own, {name: list(tensor.shape) for name, tensor in state.items()}, path)
+    model.load_state_dict(state)
+
+
+def check_weights_fit(own: dict[str, list[int]], saved: dict[str, list[int]], path: Path) -> None:
+    """One line naming the first weight that the checkpoint at ``path`` lacks, has in excess, or holds in another
+    (whole) shape than the model: ``own`` and ``saved`` map names to shapes."""
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
     if missing or unexpected:
         detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise CheckpointError(f"checkpoint {path} does not fit the model: {detail}")
-    for name, tensor in own.items():
-        if tuple(tensor.shape) != tuple(state[name].shape):
+    for name, shape in own.items():
+        if shape != saved[name]:
             raise CheckpointError(
-                f"checkpoint {path} does not fit the model: {name} has shape {list(state[name].shape)} there, "
-                f"{list(tensor.shape)} here"
+                f"checkpoint {path} does not fit the model: {name} has shape {saved[name]} there, {shape} here"
             )
-    model.load_state_dict(state)
 
 
 class Checkpointer:
@@ -325,7 +330,9 @@ class Checkpointer:
         error, mine = "", {}
         try:  # before the collective read: a rank that cannot go on says so, and every rank stops with it
             saved = checkpoint.shard_names(path)
-            check_shards_fit(model_state, saved, path)
+            own_shapes = {name: list(tensor.shape) for name, tensor in model_state.items()}  # a DTensor's: whole
+            saved_shapes = {n.removeprefix("model."): size for n, (size, _) in saved.items() if n.startswith("model.")}
+            check_weights_fit(own_shapes, saved_shapes, path)
             mine = {
                 n: torch.empty(size, dtype=dtype) for n, (size, dtype) in saved.items() if n.startswith(f"{own_key}.")
             }
@@ -368,22 +375,6 @@ def join_optimizer_state(tensors: dict[str, Any], rest: dict[str, Any]) -> dict[
     names = set(tensors) | set(rest["state"])
     state = {name: {**rest["state"].get(name, {}), **tensors.get(name, {})} for name in names}
     return {"state": state, "param_groups": rest["param_groups"]}
-
-
-def check_shards_fit(model_state: dict[str, Any], saved: dict[str, tuple[list[int], torch.dtype]], path: Path) -> None:
-    """One line naming the first parameter that a sharded checkpoint lacks, or holds in another (whole) shape."""
-    saved_model = {n.removeprefix("model."): shape for n, (shape, _) in saved.items() if n.startswith("model.")}
-    missing = sorted(set(model_state) - set(saved_model))
-    unexpected = sorted(set(saved_model) - set(model_state))
-    if missing or unexpected:
-        detail = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise CheckpointError(f"checkpoint {path} does not fit the model: {detail}")
-    for name, tensor in model_state.items():
-        if list(tensor.shape) != saved_model[name]:  # a DTensor's shape is the whole parameter's
-            raise CheckpointError(
-                f"checkpoint {path} does not fit the model: {name} has shape {saved_model[name]} there, "
-                f"{list(tensor.shape)} here"
-            )
 
 
 def _apply_optim_changes(

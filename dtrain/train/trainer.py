@@ -228,8 +228,8 @@ class Trainer:
             self.logger.flush()  # the curves up to this checkpoint are on disk before it is
             in_epoch = self.cadence.step_in_epoch(progress.step, progress.epoch)
             data_order = {"seed": self.batches.seed, "epoch": progress.epoch, "step_in_epoch": in_epoch}
-            state = (self.strategy, self.optimizer, self.scheduler, progress, self.window.sums, data_order)
-            self.checkpointer.save(*state)
+            sums = self.window.sums
+            self.checkpointer.save(self.strategy, self.optimizer, self.scheduler, progress, sums, data_order)
 
     def preempted_message(self, step: int) -> str:
         return (
